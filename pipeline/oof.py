@@ -1,0 +1,66 @@
+"""Gather the folds' validation predictions into one out-of-fold file and score it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline import data as D
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.folds import load_folds
+from pipeline.io import read_json, write_csv_atomic, write_json_atomic
+from pipeline.metrics import score
+
+
+def missing_folds(cfg: Config) -> list[int]:
+    return [k for k in range(cfg.data.n_folds) if not (cfg.run_dir / f"fold{k}" / "metrics.json").exists()]
+
+
+def run(cfg: Config) -> dict:
+    """Write oof/<experiment>/oof.csv (id, fold, predictions, in training-file order) and cv.json."""
+    missing = missing_folds(cfg)
+    if missing:
+        raise PipelineError(f"{cfg.run_dir}: fold(s) {', '.join(map(str, missing))} have not finished; "
+                            f"train them first (pipeline train --fold K)")
+    df = D.load_train(cfg)
+    fold = load_folds(cfg, df)
+    id_col = cfg.data.id_column
+    parts = []
+    for k in range(cfg.data.n_folds):
+        part = pd.read_csv(cfg.run_dir / f"fold{k}" / "valid_predictions.csv")
+        part.insert(1, "fold", k)
+        parts.append(part)
+    preds = pd.concat(parts, ignore_index=True)
+    preds[id_col] = preds[id_col].astype(df[id_col].dtype)
+    if preds[id_col].duplicated().any() or set(preds[id_col]) != set(df[id_col]):
+        raise PipelineError(f"{cfg.run_dir}: fold predictions do not cover the training ids exactly once; "
+                            f"were the folds changed after training? Retrain the experiment")
+    # Join by id, never by position.
+    oof = df[[id_col]].merge(preds, on=id_col, how="left", validate="one_to_one")
+    if not (oof["fold"].to_numpy() == fold).all():
+        raise PipelineError(f"{cfg.run_dir}: predictions were made on other folds than the current folds file")
+    columns = [c for c in oof.columns if c not in (id_col, "fold")]
+    y = D.target_array(cfg, df)
+    values = oof[columns].to_numpy()
+    per_fold = {k: score(cfg.metric, y[fold == k], values[fold == k]) for k in range(cfg.data.n_folds)}
+    result = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": score(cfg.metric, y, values),
+              "folds": {str(k): v for k, v in per_fold.items()},
+              "baseline_mean": baseline_score(cfg, y, fold, len(columns)),
+              "train_seconds": sum(read_json(cfg.run_dir / f"fold{k}" / "metrics.json")["train_seconds"]
+                                   for k in range(cfg.data.n_folds))}
+    write_csv_atomic(cfg.run_dir / "oof.csv", oof)
+    write_json_atomic(cfg.run_dir / "cv.json", result)
+    return result
+
+
+def baseline_score(cfg: Config, y: np.ndarray, fold: np.ndarray, n_outputs: int) -> float:
+    """The score of predicting each fold's training mean (regression) or class frequencies: the floor."""
+    out = np.zeros((len(y), n_outputs))
+    for k in range(cfg.data.n_folds):
+        train = y[fold != k]
+        if cfg.data.task == "regression":
+            out[fold == k] = train.mean(axis=0)
+        else:
+            out[fold == k] = np.bincount(train, minlength=n_outputs) / len(train)
+    return score(cfg.metric, y, out)

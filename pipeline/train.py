@@ -1,0 +1,327 @@
+"""Fine-tune one fold: the training loop, evaluation on the held-out fold, the best checkpoint.
+
+Outputs in oof/<experiment>/fold<k>/: valid_predictions.csv (joined by id), log.csv (one row per
+evaluation), model.pt (best weights, a plain state dict), state.pt (everything `--resume` needs) and
+metrics.json, written last: a fold is complete when metrics.json exists.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import get_scheduler
+
+from pipeline import data as D
+from pipeline.config import Config, save_config
+from pipeline.errors import PipelineError
+from pipeline.folds import load_folds
+from pipeline.io import read_json, save_torch_atomic, write_csv_atomic, write_json_atomic
+from pipeline.losses import predictions, rdrop_consistency, task_loss
+from pipeline.metrics import is_better, score
+from pipeline.model import TextModel, build_model, encoder_layers, load_tokenizer, resolve_backbone
+from pipeline.regularization import active_dropout
+
+
+@dataclass
+class Prepared:
+    """What every fold of a run shares: the table, its tokens (tokenized once) and the folds."""
+
+    cfg: Config
+    train_df: pd.DataFrame
+    enc: D.Encoded
+    fold: np.ndarray
+    classes: list[str] | None
+    tokenizer: object
+
+    @property
+    def outputs(self) -> int:
+        return len(self.cfg.data.target_columns) if self.classes is None else len(self.classes)
+
+
+def prepare(cfg: Config) -> Prepared:
+    df = D.load_train(cfg)
+    fold = load_folds(cfg, df)
+    classes = None if cfg.data.task == "regression" else D.class_names(cfg, df[cfg.data.target_columns[0]])
+    tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 100_000 and cfg.data.max_length > limit:
+        raise PipelineError(f"config key 'data.max_length': {cfg.data.max_length} is beyond the model's "
+                            f"maximum of {limit} tokens")
+    enc = D.encode(tokenizer, df, cfg.data.text_columns, cfg.data.max_length, D.target_array(cfg, df))
+    return Prepared(cfg, df, enc, fold, classes, tokenizer)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"config key 'train.device': '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp16 needs CUDA; bf16 pays only where the hardware has it; `auto` picks the fastest that works."""
+    cuda = device.type == "cuda"
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
+    if precision == "auto":
+        return "bf16" if bf16 else ("fp16" if cuda else "fp32")
+    if precision == "fp16" and not cuda:
+        fallback = "bf16" if bf16 else "fp32"
+        warnings.warn(f"train.precision=fp16 needs a CUDA device; using {fallback} on {device.type}", stacklevel=2)
+        return fallback
+    if precision == "bf16" and not bf16:
+        warnings.warn(f"train.precision=bf16: this {device.type} has no native bf16, it will be emulated and "
+                      "slow; train.precision=auto picks fp32 here", stacklevel=2)
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
+    """AdamW (bias-corrected) with no weight decay on biases and LayerNorm; layer-wise LR decay by depth.
+
+    With decay factor d, the head and the top layer train at the base rate, layer i from the top at
+    lr * d**i, and the embeddings lowest, at lr * d**n_layers.
+    """
+    t = cfg.train
+    layers = encoder_layers(model.backbone)
+    n = len(layers)
+    depth_of = {}
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            depth_of[p] = n - 1 - i  # top layer: 0
+    head = set(model.head_parameters())
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p in head:
+            lr = t.head_lr or t.lr
+        elif p in depth_of:
+            lr = t.lr * t.llrd ** depth_of[p]
+        elif "embed" in name:
+            lr = t.lr * t.llrd ** n
+        else:  # e.g. a final LayerNorm or pooler above the layers
+            lr = t.lr
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
+    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=t.lr, foreach=True)
+
+
+@torch.no_grad()
+def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, device: torch.device,
+            precision: str, batch_size: int, pad_id: int) -> np.ndarray:
+    """Predictions for `positions`, returned in the order of `positions` whatever order batches ran in."""
+    model.eval()
+    out = np.zeros((len(positions), model.head.out.out_features), dtype=np.float64)
+    where = {int(p): i for i, p in enumerate(positions)}
+    for batch in D.iterate(enc, [[int(positions[i]) for i in b]
+                                 for b in D.eval_batches(enc.lengths[positions], batch_size)], pad_id, device):
+        with autocast(device, precision):
+            logits = model(**batch.inputs)
+        rows = [where[int(p)] for p in batch.positions]
+        out[rows] = predictions(task, logits.float()).cpu().numpy()
+    return out
+
+
+def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:
+    """The task loss averaged over dropout samples; with R-Drop, a doubled batch and the consistency term."""
+    if rdrop <= 0:
+        return task_loss(task, model.sample_logits(**batch.inputs), batch.targets)
+    doubled = {k: torch.cat([v, v]) for k, v in batch.inputs.items()}
+    a, b = model.sample_logits(**doubled).chunk(2, dim=1)
+    return 0.5 * (task_loss(task, a, batch.targets) + task_loss(task, b, batch.targets)) \
+        + rdrop * rdrop_consistency(task, a, b)
+
+
+def metric_target(prep: Prepared, positions: np.ndarray) -> np.ndarray:
+    return prep.enc.targets[positions]
+
+
+def fold_dir(cfg: Config, fold: int) -> Path:
+    return cfg.run_dir / f"fold{fold}"
+
+
+def prediction_frame(prep: Prepared, positions: np.ndarray, preds: np.ndarray) -> pd.DataFrame:
+    cfg = prep.cfg
+    frame = pd.DataFrame(preds, columns=D.prediction_columns(cfg, prep.classes))
+    frame.insert(0, cfg.data.id_column, prep.train_df[cfg.data.id_column].to_numpy()[positions])
+    return frame
+
+
+def save_backbone_files(prep: Prepared, model_config) -> None:
+    """Tokenizer and backbone config beside the checkpoints, so `predict` needs no pretrained weights."""
+    out = prep.cfg.run_dir / "backbone"
+    if not (out / "config.json").exists():
+        prep.tokenizer.save_pretrained(out)
+        model_config.save_pretrained(out)
+
+
+def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool = True) -> dict:
+    cfg, t, task = prep.cfg, prep.cfg.train, prep.cfg.data.task
+    if fold not in set(prep.fold.tolist()):
+        raise PipelineError(f"fold {fold} does not exist: data.n_folds is {cfg.data.n_folds}")
+    out = fold_dir(cfg, fold)
+    if resume and (out / "metrics.json").exists():
+        return read_json(out / "metrics.json")  # this fold finished before the interruption
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    set_seed(t.seed + fold)
+
+    train_pos = np.flatnonzero(prep.fold != fold)
+    valid_pos = np.flatnonzero(prep.fold == fold)
+    model, model_config = build_model(cfg.model, prep.outputs)
+    save_backbone_files(prep, model_config)
+    if (t.rdrop > 0 or cfg.model.head == "msd") and not active_dropout(model):
+        warnings.warn("R-Drop and Multi-Sample Dropout need dropout, but every dropout in this model is 0: "
+                      "their extra terms are identically zero", stacklevel=2)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    batches_per_epoch = math.ceil(len(train_pos) / t.batch_size)
+    total_micro = max(1, round(batches_per_epoch * t.epochs))
+    total_steps = math.ceil(total_micro / t.grad_accum)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    eval_every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 4))
+    pad_id = prep.tokenizer.pad_token_id or 0
+    y_valid = metric_target(prep, valid_pos)
+
+    step, micro, best, best_step, log, skipped = 0, 0, None, -1, [], 0
+    best_preds: np.ndarray | None = None
+    state_path = out / "state.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, micro, best, best_step = state["step"], state["micro"], state["best"], state["best_step"]
+        log, skipped, best_preds = state["log"], state["skipped"], state["best_preds"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    started = time.time() - (log[-1]["elapsed_s"] if log else 0.0)
+    running_loss, running_n = 0.0, 0
+    bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   disable=not progress, transient=False)
+    with bar:
+        task_id = bar.add_task("train", total=total_steps, completed=step, status="")
+        epoch = micro // batches_per_epoch
+        while micro < total_micro:
+            batches = D.train_batches(prep.enc.lengths[train_pos], t.batch_size, t.seed + 1000 * fold + epoch,
+                                      t.length_grouping)
+            start = micro - epoch * batches_per_epoch
+            for positions in batches[start:]:
+                if micro >= total_micro:
+                    break
+                model.train()
+                batch = D.collate(prep.enc, train_pos[positions].tolist(), pad_id).to(device)
+                group = min(t.grad_accum, total_micro - (micro // t.grad_accum) * t.grad_accum)
+                with autocast(device, precision):
+                    loss = training_loss(model, batch, task, t.rdrop)
+                if not torch.isfinite(loss):
+                    if precision != "fp16":
+                        raise PipelineError(
+                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
+                            f"(lr {scheduler.get_last_lr()[0]:.2e}); lower train.lr or check the targets")
+                    skipped += 1  # the GradScaler skips this step and lowers its scale
+                scaler.scale(loss / group).backward()
+                running_loss += loss.item()
+                running_n += 1
+                micro += 1
+                if micro % t.grad_accum and micro < total_micro:
+                    continue
+                if t.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                bar.update(task_id, completed=step)
+                if step % eval_every and step < total_steps:
+                    continue
+
+                preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id)
+                value = score(cfg.metric, y_valid, preds)
+                if not np.isfinite(preds).all():
+                    raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {step}")
+                if is_better(cfg.metric, value, best):
+                    best, best_step, best_preds = value, step, preds
+                    if t.save_checkpoint:
+                        save_torch_atomic(out / "model.pt", model.state_dict())
+                log.append({"step": step, "epoch": round(micro / batches_per_epoch, 3),
+                            "lr": scheduler.get_last_lr()[0], "train_loss": running_loss / max(running_n, 1),
+                            cfg.metric: value, "elapsed_s": round(time.time() - started, 2)})
+                running_loss, running_n = 0.0, 0
+                write_csv_atomic(out / "log.csv", pd.DataFrame(log))
+                bar.update(task_id, status=f"loss {log[-1]['train_loss']:.4f}  {cfg.metric} {value:.4f} "
+                                           f"(best {best:.4f})")
+                if t.save_checkpoint and step < total_steps:
+                    save_torch_atomic(state_path, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
+                        "skipped": skipped, "best_preds": best_preds,
+                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                "python": random.getstate()}})
+            epoch += 1
+
+    write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, best_preds))
+    metrics = {"fold": fold, "metric": cfg.metric, "score": best, "best_step": best_step, "steps": total_steps,
+               "train_rows": len(train_pos), "valid_rows": len(valid_pos), "precision": precision,
+               "device": str(device), "train_seconds": round(time.time() - started, 1),
+               "peak_memory_mb": peak_memory_mb(device), "skipped_steps": skipped}
+    write_json_atomic(out / "metrics.json", metrics)
+    state_path.unlink(missing_ok=True)
+    return metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run(cfg: Config, folds: list[int] | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Train the given folds (default: all) of one experiment."""
+    prep = prepare(cfg)
+    return [train_fold(prep, k, resume=resume, progress=progress)
+            for k in (folds if folds is not None else range(cfg.data.n_folds))]

@@ -1,0 +1,75 @@
+"""The whole chain through the CLI on tiny models: folds -> train -> oof -> predict -> ensemble -> submit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+CASES = {
+    "regression": dict(task="regression"),
+    "multi_target": dict(task="regression", targets=3),
+    "binary": dict(task="binary"),
+    "multiclass": dict(task="multiclass", classes=("a", "b", "c")),
+}
+
+
+def write_config(cfg, path):
+    values = cfg.to_dict()
+    values.pop("experiment")
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_whole_chain(tmp_path, tiny_backbone, case):
+    cfg = tiny_config(tmp_path, tiny_backbone, **CASES[case])
+    cfg.experiment = case
+    config = write_config(cfg, tmp_path / f"{case}.yaml")
+    out = tmp_path / "oof"
+    invoke("folds", config)
+    invoke("train", config)
+    result = invoke("oof", config)
+    assert "CV" in result.output
+    invoke("predict", config)
+    run_dir = out / case
+    cv = json.loads((run_dir / "cv.json").read_text())
+    assert set(cv["folds"]) == {"0", "1", "2"} and np.isfinite(cv["cv"])
+    oof = pd.read_csv(run_dir / "oof.csv")
+    train = pd.read_csv(tmp_path / "data" / "train.csv")
+    assert oof["id"].tolist() == train["id"].tolist()
+    for k in range(3):
+        log = pd.read_csv(run_dir / f"fold{k}" / "log.csv")
+        assert {"step", "lr", "train_loss", cfg.metric}.issubset(log.columns)
+
+    # A second experiment on the same folds, blended with the first.
+    invoke("train", config, "--set", "train.seed=7", "--set", "experiment=second")
+    invoke("oof", config, "--set", "train.seed=7", "--set", "experiment=second")
+    invoke("predict", config, "--set", "experiment=second")
+    result = invoke("ensemble", case, "second", "--name", "blend", "--output-dir", out)
+    weights = json.loads((out / "blend" / "ensemble.json").read_text())["weights"]
+    assert abs(sum(weights.values()) - 1) < 1e-9 and min(weights.values()) >= 0
+
+    invoke("submit", "blend", "--out", tmp_path / "submission.csv", "--output-dir", out)
+    sub = pd.read_csv(tmp_path / "submission.csv")
+    sample = pd.read_csv(tmp_path / "data" / "sample_submission.csv")
+    assert sub.columns.tolist() == sample.columns.tolist()
+    assert sub["id"].tolist() == sample["id"].tolist()
+    assert sub.drop(columns="id").notna().all().all()
+    if case == "binary":
+        assert sub["label"].between(0, 1).all()
