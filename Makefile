@@ -12,7 +12,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble clean-demo
+.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble report
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,3 +62,9 @@ submit: setup ## Submission CSV: make submit EXPERIMENT=name
 
 ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend
 	$(BIN)/pipeline ensemble $(EXPERIMENTS) --name $(or $(NAME),ensemble)
+
+REPORT_CONFIGS ?= $(wildcard configs/commonlit_*.yaml)
+SEEDS ?= 42
+report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, all folds, SEEDS="42 43"), then the report
+	$(BIN)/pipeline grid $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s)) $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
+	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --out reports/commonlit_techniques.md

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -29,7 +30,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}")
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _quiet_transformers() -> None:
@@ -49,7 +50,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except PipelineError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # Escaped: a message quoting `[text]` (a list, a path) must not be read as Rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -136,6 +138,34 @@ def submit(experiment: Annotated[str, typer.Argument(help="Experiment or ensembl
     from pipeline import submission as S
 
     console.print(f"submission: {S.run(experiment, out, output_dir)}")
+
+
+@app.command()
+@friendly
+def report(experiments: Annotated[list[str], typer.Argument(help="Experiment names or globs under oof/.")],
+           baseline: Annotated[str, typer.Option(help="The experiment every other is compared with.")],
+           out: Annotated[Path, typer.Option(help="Markdown file; figures are written beside it.")]
+           = Path("reports/techniques.md"),
+           output_dir: Annotated[Path, typer.Option(help="Where the run directories are.")] = Path("oof")):
+    """Compare experiments with the baseline: CV, paired tests over folds and seeds, cost, figures."""
+    import sys
+
+    from pipeline import report as R
+
+    command = "pipeline report " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"] else "pipeline report"
+    console.print(f"report: {R.write(experiments, baseline, out, output_dir, command)}")
+
+
+@app.command()
+@friendly
+def grid(configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs.")],
+         seed: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat); default: each config's.")]
+         = None,
+         set_: SetOpt = None):
+    """Train every config over every seed (resuming, skipping complete runs), then gather each OOF."""
+    from pipeline import grid as G
+
+    G.run(configs, seed, set_ or [])
 
 
 @app.command("demo-data")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class ModelConfig:
     head_dropout: float | None = None  # null: the backbone's hidden dropout (0 when model.dropout is 0)
     msd_samples: int = 5  # Multi-Sample Dropout: dropout samples through the one shared output layer
     msd_dropout: float = 0.5
-    dropout: float | None = None  # every backbone dropout; 0.0 is the CommonLit regression recipe; null keeps pretrained
+    dropout: float | None = None  # every backbone dropout; 0.0: the CommonLit regression recipe; null: pretrained
     attention_dropout: float | None = None  # attention-probability dropout only; it is the costly one on CPU
     mixout: float = 0.0  # probability p of mixing a weight back to its pretrained value (Lee et al., 2019)
     reinit_layers: int = 0  # re-initialize the top k encoder layers (Zhang et al., 2021)
@@ -88,7 +89,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     rdrop: float = 0.0  # R-Drop consistency weight alpha; 0 is off (Liang et al., 2021)
-    eval_every: int = 0  # optimizer steps between evaluations; 0: 4 evaluations per epoch
+    eval_every: int = 0  # optimizer steps between evaluations; 0: twice per epoch
     eval_batch_size: int = 64
     length_grouping: bool = True  # batches of similar length: far less padding
     metric: str | None = None  # null: rmse (regression) or logloss (classification)
@@ -157,6 +158,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             raise PipelineError(f"config key '{key}': expected a list, got {value!r}")
         return [_check_type(v, item, key) for v in value]
     if annotation is float:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; accept the spelling people type
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -200,13 +203,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise PipelineError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    # YAML 1.1 reads 3e-5 as a string; accept the spelling people type.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
+    value = yaml.safe_load(raw) if raw.strip() else ""  # float keys also accept YAML 1.1's string "3e-5"
     parts = key.strip().split(".")
     if len(parts) == 1:
         return {parts[0]: value}

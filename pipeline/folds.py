@@ -52,8 +52,10 @@ def assign_folds(df: pd.DataFrame, cfg: Config) -> np.ndarray:
             raise PipelineError(f"{d.train_path}: group column '{d.group_column}' has {len(set(groups))} "
                                 f"groups, fewer than data.n_folds={d.n_folds}")
         # A single stratification key: the first target's bin (or the label).
+        # sklearn refuses when no label has a row per fold: split the groups unstratified then.
+        key = bins[:, 0] if np.bincount(bins[:, 0]).max() >= d.n_folds else np.zeros(n, dtype=int)
         splitter = StratifiedGroupKFold(n_splits=d.n_folds, shuffle=True, random_state=d.fold_seed)
-        splits = splitter.split(x, bins[:, 0], groups)
+        splits = splitter.split(x, key, groups)
     elif bins.shape[1] > 1:
         onehot = np.concatenate([np.eye(bins[:, j].max() + 1, dtype=int)[bins[:, j]]
                                  for j in range(bins.shape[1])], axis=1)
@@ -61,7 +63,8 @@ def assign_folds(df: pd.DataFrame, cfg: Config) -> np.ndarray:
                                            random_state=d.fold_seed).split(x, onehot)
     else:
         counts = np.bincount(bins[:, 0])
-        strat = bins[:, 0] if counts[counts > 0].min() >= d.n_folds else np.zeros(n, dtype=int)
+        # A class with fewer rows than folds only misses some folds; the other classes stay stratified.
+        strat = bins[:, 0] if counts.max() >= d.n_folds else np.zeros(n, dtype=int)
         splits = StratifiedKFold(n_splits=d.n_folds, shuffle=True, random_state=d.fold_seed).split(x, strat)
     for k, (_, valid) in enumerate(splits):
         fold[valid] = k
@@ -86,7 +89,11 @@ def load_folds(cfg: Config, df: pd.DataFrame) -> np.ndarray:
     id_col = cfg.data.id_column
     if id_col not in folds.columns or "fold" not in folds.columns:
         raise PipelineError(f"{path}: expected columns '{id_col}' and 'fold'")
-    folds[id_col] = folds[id_col].astype(df[id_col].dtype)
+    try:
+        folds[id_col] = folds[id_col].astype(df[id_col].dtype)
+    except (ValueError, TypeError):
+        raise PipelineError(f"{path}: made for another dataset (its ids are not of the type of those in "
+                            f"{cfg.data.train_path}); delete it or run `pipeline folds --force`") from None
     by_id = folds.set_index(id_col)["fold"]
     missing = ~df[id_col].isin(by_id.index)
     if missing.any() or len(folds) != len(df):
@@ -96,4 +103,10 @@ def load_folds(cfg: Config, df: pd.DataFrame) -> np.ndarray:
     bad = (fold < 0) | (fold >= cfg.data.n_folds)
     if bad.any():
         raise PipelineError(f"{path}: fold index {int(fold[bad][0])} is out of range 0..{cfg.data.n_folds - 1}")
+    group = cfg.data.group_column
+    if group and group in df.columns:
+        spans = pd.Series(fold).groupby(df[group].astype(str).to_numpy()).nunique()
+        if (spans > 1).any():
+            raise PipelineError(f"{path}: group {spans.idxmax()!r} of data.group_column '{group}' is in several "
+                                f"folds (the file was made without it); run `pipeline folds --force`")
     return fold

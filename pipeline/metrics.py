@@ -13,21 +13,31 @@ LOWER_IS_BETTER = {"rmse": True, "mcrmse": True, "mae": True, "logloss": True,
                    "auc": False, "accuracy": False, "f1": False}
 
 
+def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float arrays of one shape: (n,) against (n, 1) would silently broadcast to an n x n grid."""
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"targets of shape {y_true.shape} and predictions of shape {y_pred.shape} differ")
+    return y_true, y_pred
+
+
 def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Root mean squared error over every entry (one target: the CommonLit metric)."""
-    return float(np.sqrt(np.mean((np.asarray(y_true, float) - np.asarray(y_pred, float)) ** 2)))
+    y_true, y_pred = _pair(y_true, y_pred)
+    return float(np.sqrt(np.mean((y_true - y_pred) ** 2)))
 
 
 def mcrmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean column-wise RMSE, the metric of several-target competitions (e.g. six essay scores)."""
-    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    y_true, y_pred = _pair(y_true, y_pred)
     if y_true.ndim == 1:
         return rmse(y_true, y_pred)
     return float(np.mean(np.sqrt(np.mean((y_true - y_pred) ** 2, axis=0))))
 
 
 def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(y_true, float) - np.asarray(y_pred, float))))
+    y_true, y_pred = _pair(y_true, y_pred)
+    return float(np.mean(np.abs(y_true - y_pred)))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray) -> float:

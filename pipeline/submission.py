@@ -21,7 +21,10 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
     wanted = [c for c in sample.columns if c != id_col]
     pred_cols = [c for c in preds.columns if c != id_col]
     preds = preds.set_index(id_col)
-    sample_ids = sample[id_col].astype(preds.index.dtype) if len(preds) else sample[id_col]
+    try:
+        sample_ids = sample[id_col].astype(preds.index.dtype) if len(preds) else sample[id_col]
+    except (ValueError, TypeError):  # ids of another type (text vs numbers): none match, reported below
+        sample_ids = sample[id_col]
     missing = ~sample_ids.isin(preds.index)
     if missing.any() or len(preds) != len(sample):
         extra = len(set(preds.index) - set(sample_ids))
@@ -35,7 +38,7 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
             out[c] = rows[c].to_numpy()
     elif task != "regression" and len(wanted) == 1:
         probs = rows[classes].to_numpy()
-        if task == "binary" and np.issubdtype(sample[wanted[0]].dtype, np.floating):
+        if task == "binary" and pd.api.types.is_numeric_dtype(sample[wanted[0]]):
             out[wanted[0]] = probs[:, 1]  # probability of the positive (second) class
         else:
             out[wanted[0]] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]

@@ -214,7 +214,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    eval_every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 4))
+    eval_every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
     pad_id = prep.tokenizer.pad_token_id or 0
     y_valid = metric_target(prep, valid_pos)
 
@@ -290,8 +290,10 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                             cfg.metric: value, "elapsed_s": round(time.time() - started, 2)})
                 running_loss, running_n = 0.0, 0
                 write_csv_atomic(out / "log.csv", pd.DataFrame(log))
-                bar.update(task_id, status=f"loss {log[-1]['train_loss']:.4f}  {cfg.metric} {value:.4f} "
-                                           f"(best {best:.4f})")
+                status = f"loss {log[-1]['train_loss']:.4f}  {cfg.metric} {value:.4f} (best {best:.4f})"
+                bar.update(task_id, status=status)
+                if progress and not bar.console.is_terminal:  # logs get a line per evaluation
+                    bar.console.print(f"{cfg.experiment} fold {fold} step {step}/{total_steps}: {status}")
                 if t.save_checkpoint and step < total_steps:
                     save_torch_atomic(state_path, {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,253 @@
+"""The pipeline against transformers.Trainer on the same CommonLit fold, same model and hyperparameters.
+
+    python bench/compare_trainer.py --data ../shared/data/commonlit --repeats 2 --out bench/results
+
+Each contender runs in its own subprocess (a clean memory peak), alternating A B B A ... so machine noise
+shows. Both fine-tune the embedded MiniLM on fold 0 of the pipeline's folds with the same epochs, batch
+size, learning rate, linear schedule with 10% warmup, max length and precision; both evaluate once, at the
+end (the pipeline's mid-training evaluations are turned off here so the work is the same). The Trainer uses
+dynamic padding and length-grouped sampling; its predictions are aligned by id, since its length-grouped
+predict returns a permuted order.
+
+`--scaling` measures seconds per optimizer step of the pipeline at 1x, 2x, 4x the fold's rows and max
+length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def config(data: str, epochs: float, out: str, extra: list[str] = ()):
+    from pipeline.config import load_config
+
+    return load_config(ROOT / "configs/commonlit_baseline.yaml",
+                       [f"data.dir={data}", f"train.epochs={epochs}", f"output_dir={out}", *extra])
+
+
+def fold_rows(cfg):
+    import numpy as np
+
+    from pipeline import data as D
+    from pipeline.folds import load_folds
+
+    df = D.load_train(cfg)
+    fold = load_folds(cfg, df)
+    return df, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_pipeline(data: str, epochs: float) -> dict:
+    from pipeline import train as T
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config(data, epochs, tmp, ["train.save_checkpoint=false", "train.eval_every=100000"])
+        prep = T.prepare(cfg)
+        start = time.perf_counter()
+        metrics = T.train_fold(prep, 0, progress=False)
+        wall = time.perf_counter() - start
+        train_pos = (prep.fold != 0).nonzero()[0]
+        tokens = int(prep.enc.lengths[train_pos].sum())
+    return {"contender": "pipeline", "wall_s": wall, "rmse": metrics["score"], "train_rows": len(train_pos),
+            "train_tokens": tokens, "precision": metrics["precision"]}
+
+
+def run_trainer(data: str, epochs: float) -> dict:
+    import numpy as np
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.metrics import rmse
+    from pipeline.model import resolve_backbone
+    from pipeline.train import resolve_precision
+
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config(data, epochs, tmp)
+        df, train_idx, valid_idx = fold_rows(cfg)
+        t = cfg.train
+        source = resolve_backbone(cfg.model.backbone)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        enc = tokenizer(df["excerpt"].tolist(), truncation=True, max_length=cfg.data.max_length)
+
+        class Rows(torch.utils.data.Dataset):
+            def __init__(self, idx):
+                self.idx = idx
+
+            def __len__(self):
+                return len(self.idx)
+
+            def __getitem__(self, i):
+                j = int(self.idx[i])
+                item = {k: enc[k][j] for k in enc.keys()}
+                item["labels"] = float(df["target"].iloc[j])
+                item["row"] = j
+                return item
+
+        precision = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        start = time.perf_counter()
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, problem_type="regression")
+        steps = math.ceil(math.ceil(len(train_idx) / t.batch_size) * epochs)
+        args = TrainingArguments(
+            output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,
+            lr_scheduler_type="linear", warmup_steps=round(t.warmup_ratio * steps), max_grad_norm=t.max_grad_norm,
+            train_sampling_strategy="group_by_length", bf16=precision == "bf16", fp16=precision == "fp16",
+            eval_strategy="no", save_strategy="no", report_to="none", logging_strategy="no", seed=t.seed,
+            remove_unused_columns=False, dataloader_num_workers=0)
+
+        def collate(items):
+            rows = [it.pop("row") for it in items]
+            batch = DataCollatorWithPadding(tokenizer)(items)
+            batch["row"] = torch.tensor(rows)
+            return batch
+
+        class RowTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+                inputs = {k: v for k, v in inputs.items() if k != "row"}
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+            def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+                rows = inputs.pop("row")
+                loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+                return loss, logits, rows
+
+        trainer = RowTrainer(model=model, args=args, train_dataset=Rows(train_idx), data_collator=collate)
+        trainer.train()
+        out = trainer.predict(Rows(valid_idx))
+        wall = time.perf_counter() - start
+        preds = np.asarray(out.predictions).reshape(-1)
+        rows = np.asarray(out.label_ids).reshape(-1)  # the row ids, in the order Trainer returned them
+        y = df["target"].to_numpy()
+        aligned = rmse(y[rows], preds)
+        positional = rmse(y[valid_idx], preds)  # what reading the predictions in dataset order would give
+        tokens = int(sum(len(enc["input_ids"][int(i)]) for i in train_idx))
+    return {"contender": "trainer", "wall_s": wall, "rmse": aligned, "rmse_if_read_by_position": positional,
+            "train_rows": len(train_idx), "train_tokens": tokens, "precision": precision}
+
+
+def run_scaling(data: str) -> list[dict]:
+    """Seconds per optimizer step over a few steps, for larger folds and longer max lengths."""
+    import numpy as np
+
+    from pipeline import data as D
+    from pipeline import train as T
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor, max_length in [(1, 256), (2, 256), (4, 256), (1, 128), (1, 512)]:
+            cfg = config(data, 1, tmp, [f"data.max_length={max_length}"])
+            prep = T.prepare(cfg)
+            train_pos = np.flatnonzero(prep.fold != 0)
+            device = T.resolve_device("auto")
+            precision = T.resolve_precision("auto", device)
+            model, _ = T.build_model(cfg.model, prep.outputs)
+            optimizer = T.build_optimizer(model, cfg)
+            batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[:12]
+            times = []
+            for i, b in enumerate(batches):
+                batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
+                start = time.perf_counter()
+                model.train()
+                with T.autocast(device, precision):
+                    loss = T.training_loss(model, batch, "regression", 0.0)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if i >= 2:  # warm-up steps excluded
+                    times.append(time.perf_counter() - start)
+            per_step = float(np.median(times))
+            steps = math.ceil(len(train_pos) * factor / cfg.train.batch_size)
+            rows.append({"rows": len(train_pos) * factor, "max_length": max_length, "s_per_step": per_step,
+                         "epoch_s": per_step * steps, "mean_tokens": float(prep.enc.lengths[train_pos].mean())})
+            del model, optimizer
+    base = rows[0]
+    for r in rows:
+        r["linear_epoch_s"] = base["epoch_s"] * r["rows"] / base["rows"] * r["mean_tokens"] / base["mean_tokens"]
+    return rows
+
+
+def child(args) -> None:
+    fn = {"pipeline": run_pipeline, "trainer": run_trainer}[args.one]
+    result = fn(args.data, args.epochs)
+    result["peak_memory_mb"] = peak_mb()
+    result["samples_per_s"] = result["train_rows"] * args.epochs / result["wall_s"]
+    result["tokens_per_s"] = result["train_tokens"] * args.epochs / result["wall_s"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/commonlit"))
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    parser.add_argument("--one", choices=["pipeline", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--scaling", action="store_true")
+    args = parser.parse_args()
+    if args.one:
+        return child(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.scaling:
+        rows = run_scaling(args.data)
+        print(f"scaling ({machine}): rows, max_length, s/step, epoch s, linear-cost epoch s")
+        for r in rows:
+            print(f"{r['rows']:6d} {r['max_length']:4d} {r['s_per_step']:.3f} {r['epoch_s']:.0f} "
+                  f"{r['linear_epoch_s']:.0f}")
+        (args.out / "scaling.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        return
+    order = []
+    for i in range(args.repeats):
+        order += ["pipeline", "trainer"] if i % 2 == 0 else ["trainer", "pipeline"]
+    results = []
+    for contender in order:
+        cmd = [sys.executable, __file__, "--one", contender, "--data", args.data, "--epochs", str(args.epochs)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{contender} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(line[-1][7:]))
+        r = results[-1]
+        print(f"{contender:8s} {r['wall_s']:7.1f} s  {r['samples_per_s']:6.2f} samples/s  "
+              f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse {r['rmse']:.4f}", flush=True)
+    summary = {}
+    for name in ("pipeline", "trainer"):
+        runs = [r for r in results if r["contender"] == name]
+        summary[name] = {k: float(sum(r[k] for r in runs) / len(runs))
+                         for k in ("wall_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "rmse")}
+    ratio = summary["pipeline"]["samples_per_s"] / summary["trainer"]["samples_per_s"]
+    print(f"throughput ratio pipeline/trainer: {ratio:.2f}x  ({machine}, epochs {args.epochs}, "
+          f"repeats {args.repeats})")
+    (args.out / "compare_trainer.json").write_text(json.dumps(
+        {"machine": machine, "epochs": args.epochs, "runs": results, "mean": summary, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Cost of each technique per training step relative to the baseline: time and peak memory.
+
+    python bench/technique_cost.py --data ../shared/data/commonlit --steps 8 --out bench/results
+
+Every configs/commonlit_*.yaml runs the same fold-0 batches (batch 16, CommonLit excerpts, max length 256)
+in its own subprocess, so each peak resident memory is its own. The time is the median over `--steps`
+optimizer steps after two warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def measure(config_path: Path, data: str, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from pipeline import data as D
+    from pipeline import train as T
+    from pipeline.config import load_config
+
+    cfg = load_config(config_path, [f"data.dir={data}", "output_dir=/tmp/technique_cost"])
+    prep = T.prepare(cfg)
+    device = T.resolve_device("auto")
+    precision = T.resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(0)
+    model, _ = T.build_model(cfg.model, prep.outputs)
+    model.to(device).train()
+    optimizer = T.build_optimizer(model, cfg)
+    train_pos = np.flatnonzero(prep.fold != 0)
+    batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[: steps + 2]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for i, b in enumerate(batches):
+        batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
+        start = time.perf_counter()
+        with T.autocast(device, precision):
+            loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return {"experiment": cfg.experiment, "s_per_step": float(np.median(times)), "precision": precision,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "model_loaded_mb": rss_before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/commonlit"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("configs", nargs="*", type=Path)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(measure(args.one, args.data, args.steps)), flush=True)
+        return
+    configs = args.configs or sorted((ROOT / "configs").glob("commonlit_*.yaml"))
+    configs.sort(key=lambda p: p.stem != "commonlit_baseline")  # baseline first
+    rows = []
+    for path in configs:
+        out = subprocess.run([sys.executable, __file__, "--one", str(path), "--data", args.data,
+                              "--steps", str(args.steps)], capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{path.stem} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(line[-1][7:]))
+        base = rows[0]
+        r = rows[-1]
+        print(f"{r['experiment']:28s} {r['s_per_step']:.3f} s/step ({r['s_per_step'] / base['s_per_step']:.2f}x)  "
+              f"peak {r['peak_memory_mb']:.0f} MB ({r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x)  "
+              f"{r['precision']}", flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "technique_cost.json").write_text(json.dumps({"machine": machine, "steps": args.steps,
+                                                               "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Train and gather a set of experiments over several seeds, skipping what is already complete.
+
+A run for seed s of configs/x.yaml is `oof/x/` when s is the config's own seed and `oof/x-seed<s>/` otherwise,
+which is how the report groups seeds. Interrupted runs continue from their last saved state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline import oof, train
+from pipeline.config import Config, load_config
+
+console = Console()
+
+
+def seed_config(path: Path, seed: int | None, overrides: list[str]) -> Config:
+    cfg = load_config(path, overrides)
+    if seed is not None and seed != cfg.train.seed:
+        cfg = load_config(path, [*overrides, f"train.seed={seed}", f"experiment={cfg.experiment}-seed{seed}"])
+    return cfg
+
+
+def run(configs: list[Path], seeds: list[int] | None, overrides: list[str]) -> list[str]:
+    """Returns the run names, in order; each is complete (all folds, oof.csv) when this returns."""
+    names = []
+    for path in configs:
+        for seed in seeds or [None]:
+            cfg = seed_config(path, seed, overrides)
+            if (cfg.run_dir / "cv.json").exists() and not oof.missing_folds(cfg):
+                console.print(f"{cfg.experiment}: complete, skipped")
+            else:
+                train.run(cfg, resume=True)
+                result = oof.run(cfg)
+                console.print(f"{cfg.experiment}: CV {result['metric']} {result['cv']:.5f}")
+            names.append(cfg.experiment)
+    return names

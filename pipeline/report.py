@@ -1,0 +1,283 @@
+"""The technique report: each experiment's CV against the baseline, with paired tests over folds and seeds.
+
+Scores are recomputed from the OOF files, never copied from logs. Runs of one experiment with several
+seeds live in `oof/<experiment>-seed<N>/` beside `oof/<experiment>/`; they are grouped under one row.
+An experiment that is missing or has unfinished folds is listed as incomplete, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pipeline import data as D
+from pipeline.errors import PipelineError
+from pipeline.io import read_json, write_text_atomic
+from pipeline.metrics import LOWER_IS_BETTER, is_better, score
+from pipeline.runs import load_run_config
+
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    fold_scores: dict[int, float]
+    mean_scores: dict[int, float]  # per fold: predicting the training mean / class frequencies
+    cv: float
+    train_seconds: list[float]
+    peak_memory_mb: list[float]
+    log: pd.DataFrame
+    config: object
+
+
+@dataclass
+class Experiment:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+    def paired(self) -> dict[tuple[int, int], float]:
+        return {(r.seed, k): v for r in self.runs for k, v in r.fold_scores.items()}
+
+
+def find_runs(patterns: list[str], output_dir: Path) -> list[str]:
+    """Run directories matching names or globs; a name that matches nothing is an error."""
+    existing = sorted(p.name for p in output_dir.iterdir() if p.is_dir() and (p / "config.yaml").exists()) \
+        if output_dir.is_dir() else []
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in existing if fnmatch.fnmatch(n, pattern) or SEED_SUFFIX.sub(r"\g<base>", n) == pattern
+                or fnmatch.fnmatch(SEED_SUFFIX.sub(r"\g<base>", n), pattern)]
+        if not hits:
+            raise PipelineError(f"report: no experiment matches '{pattern}' in {output_dir}")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def load_run(run_dir: Path) -> Run | str:
+    """A finished run recomputed from its files, or a sentence saying what is missing."""
+    cfg = load_run_config(run_dir)
+    missing = [k for k in range(cfg.data.n_folds) if not (run_dir / f"fold{k}" / "metrics.json").exists()]
+    if missing:
+        return f"{run_dir.name}: fold(s) {', '.join(map(str, missing))} not finished"
+    if not (run_dir / "oof.csv").exists():
+        return f"{run_dir.name}: no oof.csv (run `pipeline oof`)"
+    oof = pd.read_csv(run_dir / "oof.csv")
+    train = D.load_train(cfg)
+    id_col = cfg.data.id_column
+    oof[id_col] = oof[id_col].astype(train[id_col].dtype)
+    train = train.set_index(id_col).loc[oof[id_col]].reset_index()  # truth joined by id
+    y = D.target_array(cfg, train)
+    preds = oof[[c for c in oof.columns if c not in (id_col, "fold")]].to_numpy(float)
+    fold = oof["fold"].to_numpy()
+    metric = cfg.metric
+    fold_scores, mean_scores = {}, {}
+    for k in sorted(set(fold.tolist())):
+        valid, rest = fold == k, fold != k
+        fold_scores[k] = score(metric, y[valid], preds[valid])
+        if cfg.data.task == "regression":
+            floor = np.broadcast_to(y[rest].mean(axis=0), y[valid].shape)
+        else:
+            floor = np.tile(np.bincount(y[rest], minlength=preds.shape[1]) / rest.sum(), (int(valid.sum()), 1))
+        mean_scores[k] = score(metric, y[valid], floor)
+    metrics = [read_json(run_dir / f"fold{k}" / "metrics.json") for k in range(cfg.data.n_folds)]
+    logs = [pd.read_csv(run_dir / f"fold{k}" / "log.csv").assign(fold=k) for k in range(cfg.data.n_folds)]
+    return Run(run_dir.name, cfg.train.seed, fold_scores, mean_scores, score(metric, y, preds),
+               [m["train_seconds"] for m in metrics], [m["peak_memory_mb"] for m in metrics],
+               pd.concat(logs, ignore_index=True), cfg)
+
+
+def collect(names: list[str], output_dir: Path) -> dict[str, Experiment]:
+    experiments: dict[str, Experiment] = {}
+    for name in names:
+        base = SEED_SUFFIX.sub(r"\g<base>", name)
+        exp = experiments.setdefault(base, Experiment(base))
+        run = load_run(output_dir / name)
+        if isinstance(run, str):
+            exp.incomplete.append(run)
+        else:
+            exp.runs.append(run)
+    return experiments
+
+
+def compare(exp: Experiment, base: Experiment, metric: str) -> dict:
+    """Paired comparison over the (seed, fold) pairs both experiments have."""
+    a, b = exp.paired(), base.paired()
+    keys = sorted(set(a) & set(b))
+    diffs = np.array([a[k] - b[k] for k in keys])
+    sign = -1.0 if LOWER_IS_BETTER[metric] else 1.0
+    out = {"pairs": len(keys), "wins": int((sign * diffs > 0).sum()), "wilcoxon_p": float("nan"),
+           "ttest_p": float("nan")}
+    if len(keys) >= 2 and np.any(diffs != 0):
+        out["wilcoxon_p"] = float(stats.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue)
+        out["ttest_p"] = float(stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys]).pvalue)
+    return out
+
+
+def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
+    if baseline not in experiments or not experiments[baseline].runs:
+        raise PipelineError(f"report: the baseline '{baseline}' has no finished run; train it first or pass "
+                            f"--baseline with one of {', '.join(experiments)}")
+    base = experiments[baseline]
+    metric = base.runs[0].config.metric
+    data = base.runs[0].config.data
+    for exp in experiments.values():
+        for r in exp.runs:
+            if (r.config.metric, r.config.data.train_path, r.config.data.target_columns) != \
+                    (metric, data.train_path, data.target_columns):
+                raise PipelineError(f"report: run '{r.name}' is scored by {r.config.metric} on "
+                                    f"{r.config.data.train_path}, the baseline by {metric} on {data.train_path}; "
+                                    f"report experiments of one dataset and metric together")
+    rows = []
+    for name, exp in experiments.items():
+        if not exp.runs:
+            continue
+        scores = np.array([v for r in exp.runs for v in r.fold_scores.values()])
+        cv = float(np.mean([r.cv for r in exp.runs]))
+        failed = sum(not is_better(metric, r.fold_scores[k], r.mean_scores[k])
+                     for r in exp.runs for k in r.fold_scores)
+        row = {"experiment": name, "seeds": len(exp.runs), "cv": cv,
+               "fold_mean": float(scores.mean()), "fold_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+               "cv_seed_std": float(np.std([r.cv for r in exp.runs], ddof=1)) if len(exp.runs) > 1 else float("nan"),
+               "delta": cv - float(np.mean([r.cv for r in base.runs])), "failed": failed,
+               "fold_seconds": float(np.mean([s for r in exp.runs for s in r.train_seconds])),
+               "peak_memory_mb": float(np.max([m for r in exp.runs for m in r.peak_memory_mb]))}
+        row.update(compare(exp, base, metric) if name != baseline else
+                   {"pairs": len(scores), "wins": 0, "wilcoxon_p": float("nan"), "ttest_p": float("nan")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plots(experiments: dict[str, Experiment], table: pd.DataFrame, baseline: str, metric: str, out_dir: Path,
+           stem: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = table["experiment"].tolist()
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    for i, name in enumerate(names):
+        points = [v for r in experiments[name].runs for v in r.fold_scores.values()]
+        ax.scatter(points, [i] * len(points), color="0.6", s=14, zorder=2)
+        row = table.iloc[i]
+        ax.errorbar(row["cv"], i, xerr=row["fold_std"], fmt="o", color="C0", capsize=4, zorder=3)
+    ax.axvline(table.loc[table["experiment"] == baseline, "cv"].iloc[0], color="C3", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (dot: CV, bar: ± fold std, grey: each fold and seed)")
+    fig.tight_layout()
+    scores_png = f"{stem}_scores.png"
+    fig.savefig(out_dir / scores_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, name in enumerate(names):
+        log = pd.concat([r.log for r in experiments[name].runs])
+        curve = log.groupby("step")[metric].mean()
+        ax.plot(curve.index, curve.values, label=name, color=f"C{i % 10}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"validation {metric} (mean over folds and seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves_png = f"{stem}_curves.png"
+    fig.savefig(out_dir / curves_png, dpi=110)
+    plt.close(fig)
+    return [scores_png, curves_png]
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
+    """Plain sentences from the table: which differences stand out from the fold-to-fold noise."""
+    lower = LOWER_IS_BETTER[metric]
+    base = table[table["experiment"] == baseline].iloc[0]
+    spread = base["cv_seed_std"] if not np.isnan(base["cv_seed_std"]) else None
+    lines = []
+    for _, row in table[table["experiment"] != baseline].iterrows():
+        better = row["delta"] < 0 if lower else row["delta"] > 0
+        verdict = "better" if better else "worse"
+        significant = not np.isnan(row["wilcoxon_p"]) and row["wilcoxon_p"] < 0.05
+        beyond = spread is not None and abs(row["delta"]) > spread
+        evidence = (f"beat the baseline on {row['wins']}/{row['pairs']} paired folds, "
+                    f"Wilcoxon p={_fmt(row['wilcoxon_p'], 3)}"
+                    + (f"; |Δ| is {'above' if beyond else 'within'} the baseline's seed-to-seed spread "
+                       f"({_fmt(spread)})" if spread is not None else "; one seed, so seed-to-seed spread is unknown"))
+        strength = "a clear" if significant and (beyond or spread is None) else "no reliable"
+        lines.append(f"- **{row['experiment']}**: {verdict} by {_fmt(abs(row['delta']))} — {strength} "
+                     f"difference ({evidence}).")
+    return lines
+
+
+def interactions(experiments: dict[str, Experiment]) -> list[str]:
+    """Notes on techniques that cancel each other, read from each run's config."""
+    notes = []
+    for name, exp in experiments.items():
+        if not exp.runs:
+            continue
+        m, t = exp.runs[0].config.model, exp.runs[0].config.train
+        no_dropout = m.dropout == 0.0 or (m.mixout > 0 and m.dropout is None)
+        if (t.rdrop > 0 or m.head == "msd") and no_dropout:
+            notes.append(f"- {name}: R-Drop / Multi-Sample Dropout with the backbone's dropout at 0 — their extra "
+                         "terms only see head dropout (or none), so they cannot help here.")
+        if m.mixout > 0:
+            notes.append(f"- {name}: mixout turns the backbone's dropout off (the paper's recipe), so compare it "
+                         "with dropout=0 as well as with the baseline.")
+    return notes
+
+
+def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path("oof"),
+          command: str = "pipeline report") -> Path:
+    names = find_runs([*patterns, baseline], output_dir)  # the baseline is in the report even if not listed
+    experiments = collect(names, output_dir)
+    table = summary(experiments, baseline)
+    first = experiments[baseline].runs[0].config
+    metric = first.metric
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = _plots(experiments, table, baseline, metric, out.parent, out.stem)
+    import torch
+
+    precisions = sorted({read_json(output_dir / r.name / "fold0" / "metrics.json")["precision"]
+                         for e in experiments.values() for r in e.runs})
+    seeds = sorted({r.seed for e in experiments.values() for r in e.runs})
+    lines = [f"# Technique report: {first.data.name}", "",
+             f"- command: `{command}`",
+             f"- dataset: {first.data.train_path} ({first.data.task}, target {', '.join(first.data.target_columns)}, "
+             f"metric {metric}, {'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)",
+             f"- model: {first.model.backbone}; folds: {first.data.n_folds}; seeds: {', '.join(map(str, seeds))}; "
+             f"precision: {', '.join(precisions)}",
+             f"- hardware: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
+             f"torch {torch.__version__}", "",
+             "| experiment | seeds | OOF CV | fold mean ± std | Δ vs baseline | wins | Wilcoxon p | paired t p | "
+             "failed runs | s / fold | peak MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in table.iterrows():
+        delta = "—" if r["experiment"] == baseline else f"{r['delta']:+.4f}"
+        wins = "—" if r["experiment"] == baseline else f"{r['wins']}/{r['pairs']}"
+        lines.append(f"| {r['experiment']} | {r['seeds']} | {_fmt(r['cv'])} | {_fmt(r['fold_mean'])} ± "
+                     f"{_fmt(r['fold_std'])} | {delta} | {wins} | {_fmt(r['wilcoxon_p'], 3)} | "
+                     f"{_fmt(r['ttest_p'], 3)} | {r['failed']} | {r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
+    incomplete = [m for e in experiments.values() for m in e.incomplete]
+    lines += ["", "Failed runs: folds no better than predicting the training mean. Wins: paired (seed, fold) "
+              "comparisons with the baseline that the experiment won.", "",
+              f"![scores]({figures[0]})", "", f"![validation curves]({figures[1]})", "", "## Reading", ""]
+    lines += reading(table, baseline, metric) or ["- Only the baseline is in this report."]
+    notes = interactions(experiments)
+    if notes:
+        lines += ["", "## Interactions", ""] + notes
+    if incomplete:
+        lines += ["", "## Incomplete (not in the table)", ""] + [f"- {m}" for m in incomplete]
+    write_text_atomic(out, "\n".join(lines) + "\n")
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    return out

@@ -1,0 +1,298 @@
+"""The technique report on fabricated run directories (no training): every number is recomputed here.
+
+Each run directory is written by hand the way `pipeline train` and `pipeline oof` write it: config.yaml,
+fold<k>/metrics.json, fold<k>/log.csv and oof.csv, with predictions = truth + noise of a chosen size.
+metrics.json carries a deliberately wrong score, so a report that copied scores from it would fail here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from pipeline import report as R
+from pipeline.cli import app
+from pipeline.config import save_config
+from pipeline.errors import PipelineError
+from tests.conftest import tiny_config
+
+FOLDS = 3
+WRONG_SCORE = 123.0  # what every fabricated metrics.json claims; the report must never show it
+# The pipeline scores against float32 targets (data.target_array); this test uses the CSV's float64 values.
+TOL, ABS = 1e-6, 1e-7
+
+
+def assign_folds(y: np.ndarray) -> np.ndarray:
+    """Round robin over the sorted target: every fold gets low and high values (both classes)."""
+    fold = np.empty(len(y), dtype=int)
+    fold[np.argsort(y, kind="stable")] = np.arange(len(y)) % FOLDS
+    return fold
+
+
+def fabricate(cfg, name: str, seed: int, preds: np.ndarray, fold: np.ndarray, ids: list[str], columns: list[str],
+              finished=range(FOLDS), oof: bool = True) -> Path:
+    """One run directory as training leaves it; `finished` folds get metrics.json, `oof` writes oof.csv."""
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.experiment, run_cfg.train.seed = name, seed
+    run = Path(cfg.output_dir) / name
+    save_config(run_cfg, run / "config.yaml")
+    for k in range(FOLDS):
+        (run / f"fold{k}").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"step": [5, 10], "epoch": [0.5, 1.0], "lr": [1e-3, 0.0], "train_loss": [0.5, 0.4],
+                      cfg.metric: [WRONG_SCORE, WRONG_SCORE], "elapsed_s": [1.0, 2.0]}
+                     ).to_csv(run / f"fold{k}" / "log.csv", index=False)
+        if k in finished:
+            (run / f"fold{k}" / "metrics.json").write_text(json.dumps(
+                {"fold": k, "metric": cfg.metric, "score": WRONG_SCORE, "best_step": 10, "steps": 10,
+                 "train_rows": int((fold != k).sum()), "valid_rows": int((fold == k).sum()), "precision": "fp32",
+                 "device": "cpu", "train_seconds": 10.0 * (k + 1) + seed, "peak_memory_mb": 100.0 + seed + k,
+                 "skipped_steps": 0}))
+    if oof:
+        df = pd.DataFrame({"id": ids, "fold": fold})
+        for j, col in enumerate(columns):
+            df[col] = preds[:, j]
+        # Rows shuffled: the report must join the truth by id, not by position.
+        df.sample(frac=1.0, random_state=seed).to_csv(run / "oof.csv", index=False)
+    return run
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2)))
+
+
+def recompute_regression(run: Path, truth: pd.DataFrame) -> dict:
+    """CV, per-fold RMSE and per-fold RMSE of predicting the other folds' mean, straight from oof.csv."""
+    oof = pd.read_csv(run / "oof.csv").merge(truth, on="id", suffixes=("_pred", ""))
+    y, p, fold = oof["target"].to_numpy(), oof["target_pred"].to_numpy(), oof["fold"].to_numpy()
+    folds = {k: rmse(y[fold == k], p[fold == k]) for k in range(FOLDS)}
+    floors = {k: rmse(y[fold == k], np.full((fold == k).sum(), y[fold != k].mean())) for k in range(FOLDS)}
+    return {"cv": rmse(y, p), "folds": folds, "floors": floors}
+
+
+def expected_row(runs: dict[int, dict], base_runs: dict[int, dict], lower: bool = True) -> dict:
+    """The report's row for an experiment with runs {seed: recomputed}, against the baseline's runs."""
+    scores = [v for r in runs.values() for v in r["folds"].values()]
+    cv = float(np.mean([r["cv"] for r in runs.values()]))
+    keys = [(s, k) for s in sorted(runs) if s in base_runs for k in range(FOLDS)]
+    a = [runs[s]["folds"][k] for s, k in keys]
+    b = [base_runs[s]["folds"][k] for s, k in keys]
+    failed = sum((v >= r["floors"][k]) if lower else (v <= r["floors"][k])
+                 for r in runs.values() for k, v in r["folds"].items())
+    return {"seeds": len(runs), "cv": cv, "fold_mean": float(np.mean(scores)),
+            "fold_std": float(np.std(scores, ddof=1)),
+            "delta": cv - float(np.mean([r["cv"] for r in base_runs.values()])), "failed": failed,
+            "pairs": len(keys), "wins": sum((x < y) if lower else (x > y) for x, y in zip(a, b, strict=True)),
+            "wilcoxon_p": float(stats.wilcoxon(a, b).pvalue), "ttest_p": float(stats.ttest_rel(a, b).pvalue)}
+
+
+# name -> seed, noise scale (times the target's std), per-fold extra offset (in stds)
+REGRESSION_RUNS = {
+    "base": (42, 0.30, {}), "base-seed1": (1, 0.30, {}),
+    "better": (42, 0.15, {}), "better-seed1": (1, 0.15, {}),
+    "close": (42, 0.30, {}),  # one seed: paired with the baseline's seed 42 only
+    "broken": (42, 0.15, {1: 3.0}),  # fold 1 far off: worse than predicting the training mean
+}
+
+
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory):
+    """Finished runs of four experiments (two with two seeds), plus unfinished ones, and one report."""
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = tiny_config(tmp, Path("unused-backbone"))
+    truth = pd.read_csv(Path(cfg.data.dir) / "train.csv")[["id", "target"]]
+    assert len(truth) == 60
+    y, ids = truth["target"].to_numpy(), truth["id"].tolist()
+    fold, std = assign_folds(y), float(y.std())
+    rng = np.random.default_rng(0)
+
+    def preds(noise, offsets):
+        p = y + rng.normal(0, noise * std, len(y))
+        for k, off in offsets.items():
+            p[fold == k] += off * std
+        return p[:, None]
+
+    for name, (seed, noise, offsets) in REGRESSION_RUNS.items():
+        fabricate(cfg, name, seed, preds(noise, offsets), fold, ids, ["target"])
+    # Unfinished: a fold without metrics.json; all folds done but no oof.csv; an unfinished third seed.
+    fabricate(cfg, "half", 42, preds(0.1, {}), fold, ids, ["target"], finished=[0, 1], oof=False)
+    fabricate(cfg, "nooof", 42, preds(0.1, {}), fold, ids, ["target"], oof=False)
+    fabricate(cfg, "better-seed7", 7, preds(0.1, {}), fold, ids, ["target"], finished=[0])
+    output_dir = Path(cfg.output_dir)
+    out = R.write(["base", "better", "close", "broken", "half", "nooof"], "base", tmp / "reports" / "tech.md",
+                  output_dir, command="pipeline report test")
+    recomputed = {name: recompute_regression(output_dir / name, truth) for name in REGRESSION_RUNS}
+    return {"out": out, "output_dir": output_dir, "truth": truth, "recomputed": recomputed, "tmp": tmp}
+
+
+def grouped(recomputed: dict, experiment: str) -> dict[int, dict]:
+    return {REGRESSION_RUNS[n][0]: r for n, r in recomputed.items() if R.SEED_SUFFIX.sub(r"\g<base>", n) == experiment}
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}  # header, then | --- |
+
+
+def test_report_renders(regression):
+    out = regression["out"]
+    text = out.read_text()
+    assert out == regression["tmp"] / "reports" / "tech.md"
+    for name in ("base", "better", "close", "broken", "half", "nooof"):
+        assert name in text
+    for png in ("tech_scores.png", "tech_curves.png"):
+        assert (out.parent / png).stat().st_size > 1000 and f"]({png})" in text
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert sorted(table["experiment"]) == ["base", "better", "broken", "close"]
+    assert set(table_rows(text)) == {"base", "better", "broken", "close"}
+    assert "pipeline report test" in text and "metric rmse, lower is better" in text
+    assert str(WRONG_SCORE) not in text and not np.isclose(table[["cv", "fold_mean"]], WRONG_SCORE).any()
+
+
+def test_numbers_match_recomputation(regression):
+    table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
+    rows = table_rows(regression["out"].read_text())
+    rec = regression["recomputed"]
+    base = grouped(rec, "base")
+    for experiment in ("better", "close", "broken"):
+        want = expected_row(grouped(rec, experiment), base)
+        got = table.loc[experiment]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=TOL, abs=ABS), (experiment, key)
+        # The Markdown shows the same numbers, rounded.
+        md = rows[experiment]
+        assert md[0] == str(want["seeds"]) and md[1] == f"{want['cv']:.4f}"
+        assert md[2] == f"{want['fold_mean']:.4f} ± {want['fold_std']:.4f}" and md[3] == f"{want['delta']:+.4f}"
+        assert md[4] == f"{want['wins']}/{want['pairs']}" and md[7] == str(want["failed"])
+        assert md[5] == f"{want['wilcoxon_p']:.3f}" and md[6] == f"{want['ttest_p']:.3f}"
+    # The baseline's own row: its CV, no delta, and both seeds.
+    want_cv = np.mean([r["cv"] for r in base.values()])
+    assert table.loc["base", "cv"] == pytest.approx(want_cv) and table.loc["base", "seeds"] == 2
+    assert table.loc["base", "delta"] == pytest.approx(0.0, abs=1e-12) and rows["base"][3] == "—"
+    # Cost columns: mean seconds per fold, peak memory over every fold and seed.
+    assert table.loc["better", "fold_seconds"] == pytest.approx(np.mean([10, 20, 30]) + (42 + 1) / 2)
+    assert table.loc["better", "peak_memory_mb"] == pytest.approx(100 + 42 + 2)
+
+
+def test_single_seed_cv_is_rmse_over_all_rows(regression):
+    table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
+    oof = pd.read_csv(regression["output_dir"] / "close" / "oof.csv").merge(regression["truth"], on="id")
+    assert table.loc["close", "cv"] == pytest.approx(rmse(oof["target_x"], oof["target_y"]), rel=TOL)
+    assert table.loc["close", "seeds"] == 1 and table.loc["close", "pairs"] == FOLDS
+    assert np.isnan(table.loc["close", "cv_seed_std"])
+
+
+def test_failed_runs_counts_folds_worse_than_the_mean(regression):
+    rec, table = regression["recomputed"], pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
+    broken = rec["broken"]
+    # The fabricated data does what the test intends: fold 1 alone is worse than predicting the mean.
+    assert [broken["folds"][k] > broken["floors"][k] for k in range(FOLDS)] == [False, True, False]
+    assert all(v < r["floors"][k] for n in ("better", "better-seed1") for r in [rec[n]] for k, v in r["folds"].items())
+    assert table.loc["broken", "failed"] == 1 and table.loc["better", "failed"] == 0
+    # The floor is each fold's score when predicting the mean of the other folds' targets.
+    run = R.load_run(regression["output_dir"] / "broken")
+    assert run.mean_scores == pytest.approx(broken["floors"], rel=TOL)
+    assert run.fold_scores == pytest.approx(broken["folds"], rel=TOL)
+
+
+def test_seeds_grouped_and_paired(regression):
+    table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
+    assert "better-seed1" not in table.index and "base-seed1" not in table.index
+    assert table.loc["better", "seeds"] == 2 and table.loc["better", "pairs"] == FOLDS * 2
+    rec = regression["recomputed"]
+    cvs = [rec["better"]["cv"], rec["better-seed1"]["cv"]]
+    assert table.loc["better", "cv_seed_std"] == pytest.approx(np.std(cvs, ddof=1), rel=TOL, abs=ABS)
+    # Less noise wins most pairs; the exact count is the recomputed one (checked above), not all-or-nothing.
+    assert table.loc["better", "wins"] >= 4 and table.loc["better", "delta"] < 0
+
+
+def test_incomplete_listed_not_dropped(regression):
+    text = regression["out"].read_text()
+    assert "## Incomplete" in text
+    incomplete = text.split("## Incomplete", 1)[1]
+    assert re.search(r"- half: fold\(s\) 2 not finished", incomplete)
+    assert re.search(r"- nooof: no oof\.csv", incomplete)
+    assert re.search(r"- better-seed7: fold\(s\) 1, 2 not finished", incomplete)
+    rows = table_rows(text)
+    assert "half" not in rows and "nooof" not in rows and rows["better"][0] == "2"
+
+
+def test_pattern_matching_nothing_is_an_error(regression):
+    with pytest.raises(PipelineError, match=re.escape("'nothing*'")):
+        R.write(["base", "nothing*"], "base", regression["tmp"] / "x.md", regression["output_dir"])
+    with pytest.raises(PipelineError, match="'missing'"):
+        R.find_runs(["missing"], regression["tmp"] / "no-such-dir")
+    assert not (regression["tmp"] / "x.md").exists()
+
+
+def test_baseline_without_a_finished_run_is_an_error(regression):
+    for names in (["half", "better"], ["better"]):  # listed or not, the baseline's only run is unfinished
+        with pytest.raises(PipelineError, match="baseline 'half' has no finished run"):
+            R.write(names, "half", regression["tmp"] / "y.md", regression["output_dir"])
+    with pytest.raises(PipelineError, match="'nobody'"):  # no run directory at all
+        R.write(["better"], "nobody", regression["tmp"] / "y.md", regression["output_dir"])
+    assert not (regression["tmp"] / "y.md").exists()
+
+
+def test_find_runs_groups_seed_directories(regression):
+    assert R.find_runs(["better"], regression["output_dir"]) == ["better", "better-seed1", "better-seed7"]
+    assert R.find_runs(["b*", "base"], regression["output_dir"]) == [
+        "base", "base-seed1", "better", "better-seed1", "better-seed7", "broken"]
+
+
+def test_cli_report(regression):
+    runner = CliRunner()
+    out = regression["tmp"] / "cli" / "r.md"
+    common = ["--baseline", "base", "--out", str(out), "--output-dir", str(regression["output_dir"])]
+    result = runner.invoke(app, ["report", "close", *common])  # the baseline need not be listed
+    assert result.exit_code == 0, result.output
+    assert out.exists() and (out.parent / "r_scores.png").exists() and "close" in out.read_text()
+    assert len(pd.read_csv(out.with_suffix(".csv"))) == 2
+    result = runner.invoke(app, ["report", "base", "absent", *common])
+    assert result.exit_code == 1
+    assert re.search(r"^error: .*'absent'", result.output, re.M), result.output
+
+
+def test_higher_is_better_metric(tmp_path):
+    """AUC: a higher score wins, and a fold below the class-frequency floor (AUC 0.5) is a failed run."""
+    cfg = tiny_config(tmp_path, Path("unused-backbone"), task="binary", extra=["train.metric=auc"])
+    train = pd.read_csv(Path(cfg.data.dir) / "train.csv")
+    y, ids = (train["label"] == "pos").to_numpy(int), train["id"].tolist()
+    fold = assign_folds(y)
+    rng = np.random.default_rng(1)
+    signal = y + rng.normal(0, 1e-3, len(y))  # perfectly ranked
+
+    def probs(score):
+        p = 1 / (1 + np.exp(-score))
+        return np.stack([1 - p, p], axis=1)
+
+    runs = {"base": signal + rng.normal(0, 0.6, len(y)), "good": signal.copy(),
+            "flipped": np.where(fold == 0, -signal, signal)}  # perfect on folds 1 and 2, inverted on fold 0
+    for name, s in runs.items():
+        fabricate(cfg, name, 42, probs(s), fold, ids, ["neg", "pos"])
+    auc = {name: [roc_auc_score(y[fold == k], s[fold == k]) for k in range(FOLDS)] for name, s in runs.items()}
+    assert all(0.5 < v < 1.0 for v in auc["base"]), auc  # the fabricated baseline is imperfect on every fold
+
+    output_dir = Path(cfg.output_dir)
+    experiments = R.collect(R.find_runs(["base", "good", "flipped"], output_dir), output_dir)
+    table = R.summary(experiments, "base").set_index("experiment")
+    for name in ("good", "flipped"):
+        a, b = auc[name], auc["base"]
+        assert table.loc[name, "fold_mean"] == pytest.approx(np.mean(a))
+        assert table.loc[name, "wins"] == sum(x > z for x, z in zip(a, b, strict=True))
+        assert table.loc[name, "wilcoxon_p"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+        assert table.loc[name, "ttest_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert table.loc["good", "wins"] == 3 and table.loc["flipped", "wins"] == 2
+    assert table.loc["good", "delta"] > 0 and table.loc["good", "failed"] == 0
+    assert table.loc["flipped", "failed"] == 1 and table.loc["base", "failed"] == 0
+    assert experiments["flipped"].runs[0].mean_scores == {0: 0.5, 1: 0.5, 2: 0.5}  # constant probabilities
+    reading = "\n".join(R.reading(table.reset_index(), "base", "auc"))
+    assert re.search(r"\*\*good\*\*: better by", reading)

@@ -1,0 +1,325 @@
+"""The training loop on the tiny BERT: gradient accumulation, predictions joined by id, the schedule, the logs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import data as D
+from pipeline import oof as O
+from pipeline import train as T
+from pipeline.folds import load_folds
+from pipeline.metrics import score
+from pipeline.model import build_model, load_tokenizer, model_from_saved
+from tests.conftest import WORDS, tiny_config
+
+BUILD_OPTIMIZER = T.build_optimizer
+NO_DROPOUT = ["model.dropout=0", "model.head_dropout=0", "train.precision=fp32", "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from more, and the machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def texts_of_many_lengths(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for _ in range(n)]
+
+
+def encoded(backbone, texts: list[str], targets: np.ndarray | None = None, max_length: int = 64):
+    tokenizer = load_tokenizer(backbone)
+    enc = D.encode(tokenizer, pd.DataFrame({"text": texts}), ["text"], max_length, targets)
+    return enc, tokenizer.pad_token_id or 0
+
+
+# ---------------------------------------------------------------- (1) gradient accumulation
+
+
+def accumulate_and_step(model, optimizer, batches: list[D.Batch], cfg) -> list[torch.Tensor]:
+    """What train_fold does for one optimizer step: loss / group, backward per micro-batch, clip, step."""
+    model.train()
+    group = len(batches)
+    for batch in batches:
+        loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
+        (loss / group).backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    if cfg.train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("task", ["regression", "multiclass"])
+def test_grad_accum_equals_one_big_batch(tmp_path, tiny_backbone, task):
+    k, b = 3, 4
+    classes = ("a", "b", "c")
+    cfg = tiny_config(tmp_path, tiny_backbone, task=task, classes=classes, extra=NO_DROPOUT)
+    rng = np.random.default_rng(0)
+    texts = texts_of_many_lengths(k * b)
+    y = rng.normal(size=(k * b, 1)).astype(np.float32) if task == "regression" else rng.integers(0, 3, k * b)
+    enc, pad_id = encoded(tiny_backbone, texts, y)
+    outputs = 1 if task == "regression" else 3
+
+    torch.manual_seed(0)
+    big_model, _ = build_model(cfg.model, outputs)
+    assert T.active_dropout(big_model) == []
+    micro_model, original = copy.deepcopy(big_model), copy.deepcopy(big_model)
+    before = [p.detach().clone() for p in big_model.parameters()]
+
+    rows = rng.permutation(k * b).tolist()
+    big = accumulate_and_step(big_model, T.build_optimizer(big_model, cfg), [D.collate(enc, rows, pad_id)], cfg)
+    micro_batches = [D.collate(enc, rows[i * b:(i + 1) * b], pad_id) for i in range(k)]
+    micro = accumulate_and_step(micro_model, T.build_optimizer(micro_model, cfg), micro_batches, cfg)
+
+    for g_big, g_micro in zip(big, micro, strict=True):
+        torch.testing.assert_close(g_micro, g_big, rtol=1e-4, atol=1e-6)
+    moved = 0
+    for p0, p_big, p_micro in zip(before, big_model.parameters(), micro_model.parameters(), strict=True):
+        torch.testing.assert_close(p_micro, p_big, rtol=0, atol=1e-6)
+        moved += int(not torch.equal(p0, p_big))
+    assert moved > 10  # the step did change the model
+
+    # The comparison can tell: micro-batch losses summed without dividing by the group give k times the gradient.
+    undivided = copy.deepcopy(original)
+    undivided.train()
+    for batch in micro_batches:
+        T.training_loss(undivided, batch, cfg.data.task, cfg.train.rdrop).backward()
+    head = [i for i, (name, _) in enumerate(undivided.named_parameters()) if name == "head.out.weight"][0]
+    wrong = undivided.head.out.weight.grad
+    torch.testing.assert_close(wrong, k * big[head], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(wrong, big[head], rtol=1e-4, atol=1e-6)
+
+
+def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
+    """Patch train_fold's optimizer and loss so every optimizer step records what it applies.
+
+    Each step records the training rows (positions) of its micro-batches and, with keep_grads, the parameters
+    just before the step and the gradients the step applies, by parameter name.
+    """
+    steps, rows = [], []
+    loss = T.training_loss
+
+    def recording_loss(model, batch, task, rdrop):
+        rows.extend(batch.positions.tolist())
+        return loss(model, batch, task, rdrop)
+
+    def recording_optimizer(model, cfg):
+        optimizer = BUILD_OPTIMIZER(model, cfg)
+
+        def hook(opt, args, kwargs):
+            step = {"rows": list(rows)}
+            rows.clear()
+            if keep_grads:
+                step["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+                step["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                 if p.grad is not None}
+            steps.append(step)
+
+        optimizer.register_step_pre_hook(hook)
+        return optimizer
+
+    monkeypatch.setattr(T, "training_loss", recording_loss)
+    monkeypatch.setattr(T, "build_optimizer", recording_optimizer)
+    return steps
+
+
+def test_train_fold_applies_the_mean_gradient_of_each_steps_rows(tmp_path, tiny_backbone, monkeypatch):
+    """In train_fold itself: micro-batches of 4 with grad_accum=3 step with the gradient of the mean loss over
+    their 12 rows (4 in the short last group), recomputed here in one batch at the parameters of that step,
+    and train exactly like batches of 12 without accumulation."""
+    common = NO_DROPOUT + ["train.length_grouping=false", "train.max_grad_norm=0", "train.eval_every=1",
+                           "train.warmup_ratio=0", "train.lr=3e-3"]
+    runs = {}
+    for name, batch, accum in [("big", 12, 1), ("accum", 4, 3)]:
+        steps = record_steps(monkeypatch)
+        cfg = tiny_config(tmp_path, tiny_backbone, extra=common + [f"train.batch_size={batch}",
+                                                                  f"train.grad_accum={accum}",
+                                                                  f"experiment={name}"])
+        metrics = T.run(cfg, folds=[0], progress=False)[0]
+        runs[name] = (cfg, metrics, steps)
+    (cfg_big, m_big, s_big), (cfg_acc, m_acc, s_acc) = runs["big"], runs["accum"]
+    assert m_acc["train_rows"] == 40  # micro-batches of 4 grouped 3+3+3+1: steps of 12, 12, 12 and 4 rows
+    assert m_big["steps"] == m_acc["steps"] == len(s_big) == len(s_acc) == 4
+    assert [len(s["rows"]) for s in s_acc] == [12, 12, 12, 4]
+    prep = T.prepare(cfg_acc)
+    assert sorted(r for s in s_acc for r in s["rows"]) == np.flatnonzero(prep.fold != 0).tolist()
+
+    model, _ = build_model(cfg_acc.model, 1)
+    for i, step in enumerate(s_acc):
+        model.load_state_dict(step["params"], strict=False)
+        model.zero_grad()
+        model.train()
+        T.training_loss(model, D.collate(prep.enc, step["rows"], 0), "regression", 0.0).backward()
+        assert step["grads"].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(step["grads"][name], p.grad, rtol=1e-3, atol=1e-6,
+                                           msg=lambda m, i=i, name=name: f"step {i + 1}, {name}: {m}")
+    for i, (big, acc) in enumerate(zip(s_big, s_acc, strict=True)):
+        assert big["rows"] == acc["rows"]
+        for name in big["grads"]:
+            torch.testing.assert_close(acc["grads"][name], big["grads"][name], rtol=1e-3, atol=1e-6,
+                                       msg=lambda m, i=i, name=name: f"step {i + 1}, {name}: {m}")
+    log_big = pd.read_csv(cfg_big.run_dir / "fold0" / "log.csv")
+    log_acc = pd.read_csv(cfg_acc.run_dir / "fold0" / "log.csv")
+    assert log_big["step"].tolist() == log_acc["step"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(log_acc["lr"], log_big["lr"])
+    np.testing.assert_allclose(log_acc["rmse"], log_big["rmse"], rtol=1e-4)
+    state_big = torch.load(cfg_big.run_dir / "fold0" / "model.pt")
+    state_acc = torch.load(cfg_acc.run_dir / "fold0" / "model.pt")
+    for key in state_big:
+        torch.testing.assert_close(state_acc[key], state_big[key], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- (2) predictions are joined by id
+
+
+def test_predict_returns_rows_in_the_order_of_positions(tiny_backbone, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_backbone, task="multiclass", classes=("a", "b", "c"), extra=NO_DROPOUT)
+    texts = texts_of_many_lengths(40, seed=1)
+    enc, pad_id = encoded(tiny_backbone, texts)
+    assert enc.lengths.max() - enc.lengths.min() > 20
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, 3)
+    with torch.no_grad():
+        model.head.out.bias.zero_()
+        model.head.out.weight.mul_(20)  # spread the predictions so a misaligned row shows
+    positions = np.random.default_rng(0).permutation(40)[:30]
+    cpu = torch.device("cpu")
+    together = T.predict(model, enc, positions, "multiclass", cpu, "fp32", 4, pad_id)
+    alone = np.concatenate([T.predict(model, enc, np.array([p]), "multiclass", cpu, "fp32", 1, pad_id)
+                            for p in positions])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(together.sum(1), 1.0, atol=1e-6)
+    # Rows differ enough that any reordering would be caught.
+    by_length = np.argsort(-enc.lengths[positions], kind="stable")
+    assert np.abs(together[by_length] - alone).max() > 1e-2
+
+
+def many_length_dataset(tmp_path, n: int = 45, binary: bool = False):
+    """Ids in random order, texts from 1 to 120 words, a target (or a balanced label) that depends on the words."""
+    rng = np.random.default_rng(7)
+    ids = [f"id{int(i)}" for i in rng.permutation(1000)[:n]]
+    texts = texts_of_many_lengths(n, seed=3)
+    texts = [t if i % 3 else " ".join([t] * 3) for i, t in enumerate(texts)]
+    target = np.array([np.mean([WORDS.index(w) for w in t.split()]) / len(WORDS) for t in texts])
+    df = pd.DataFrame({"id": ids, "text": texts})
+    if binary:
+        df["label"] = np.where(target > np.median(target), "pos", "neg")
+    else:
+        df["target"] = target
+    data = tmp_path / "lengths"
+    data.mkdir(parents=True, exist_ok=True)
+    df.to_csv(data / "train.csv", index=False)
+    return data
+
+
+def use_dataset(cfg, data_dir, name: str):
+    cfg.data.dir, cfg.data.test_file, cfg.data.sample_submission_file, cfg.data.name = \
+        str(data_dir), None, None, name
+    return cfg
+
+
+def test_oof_rows_are_the_fold_predictions_joined_by_id(tmp_path, tiny_backbone):
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + ["train.eval_every=2", "data.max_length=64"])
+    use_dataset(cfg, many_length_dataset(tmp_path), "lengths")
+    T.run(cfg, progress=False)
+    result = O.run(cfg)
+    train = pd.read_csv(cfg.data.train_path)
+    oof = pd.read_csv(cfg.run_dir / "oof.csv")
+    assert oof["id"].tolist() == train["id"].tolist()
+    np.testing.assert_array_equal(oof["fold"], load_folds(cfg, D.load_train(cfg)))
+
+    prep = T.prepare(cfg)
+    assert prep.enc.lengths.max() - prep.enc.lengths.min() > 30
+    cpu = torch.device("cpu")
+    for k in range(3):
+        valid = pd.read_csv(cfg.run_dir / f"fold{k}" / "valid_predictions.csv")
+        assert sorted(valid["id"]) == sorted(train["id"][oof["fold"] == k])
+        joined = valid.merge(oof, on="id", suffixes=("", "_oof"))
+        assert len(joined) == len(valid) and (joined["fold"] == k).all()
+        np.testing.assert_allclose(joined["target_oof"], joined["target"], rtol=1e-12)
+        # The saved predictions are the fold's best model on each row, row by row.
+        state = torch.load(cfg.run_dir / f"fold{k}" / "model.pt")
+        model = model_from_saved(cfg.model, cfg.run_dir / "backbone", 1, state)
+        position = {i: p for p, i in enumerate(train["id"])}
+        alone = [T.predict(model, prep.enc, np.array([position[i]]), "regression", cpu, "fp32", 1, 0)[0, 0]
+                 for i in valid["id"]]
+        np.testing.assert_allclose(valid["target"], alone, atol=1e-5)
+        assert np.std(alone) > 1e-4  # distinct predictions: a misaligned row would show
+    y = train["target"].to_numpy()
+    assert result["cv"] == pytest.approx(score("rmse", y, oof["target"].to_numpy()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- (3) the schedule counts optimizer steps
+
+
+def linear_lr(base: float, step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return base * step / max(1, warmup)
+    return base * max(0.0, (total - step) / max(1, total - warmup))
+
+
+@pytest.mark.parametrize("epochs, micro_batches", [(1, 5), (2, 10), (1.5, 8)])
+def test_schedule_counts_optimizer_steps(tmp_path, tiny_backbone, monkeypatch, epochs, micro_batches):
+    steps = record_steps(monkeypatch, keep_grads=False)
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + [
+        "train.grad_accum=2", "train.batch_size=8", f"train.epochs={epochs}", "train.eval_every=1",
+        "train.warmup_ratio=0.25", "train.lr=1e-3"])
+    metrics = T.run(cfg, folds=[0], progress=False)[0]
+    assert math.ceil(metrics["train_rows"] / 8) == 5
+    expected = math.ceil(micro_batches / 2)
+    assert metrics["steps"] == expected == len(steps)
+    log = pd.read_csv(cfg.run_dir / "fold0" / "log.csv")
+    assert log["step"].tolist() == list(range(1, expected + 1))
+    warmup = round(0.25 * expected)
+    np.testing.assert_allclose(log["lr"], [linear_lr(1e-3, s, expected, warmup) for s in log["step"]], atol=1e-12)
+    assert log["lr"].iloc[-1] == 0.0  # the schedule ends exactly at the last optimizer step
+    np.testing.assert_allclose(log["epoch"].iloc[-1], micro_batches / 5, atol=1e-3)
+
+
+# ---------------------------------------------------------------- (4) log.csv and metrics.json
+
+
+@pytest.mark.parametrize("task, metric, extra", [
+    ("regression", "rmse", ["train.eval_every=2"]),
+    ("binary", "auc", ["train.metric=auc", "train.eval_every=3", "train.lr=5e-3"]),  # higher is better
+])
+def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny_backbone, task, metric, extra):
+    cfg = tiny_config(tmp_path, tiny_backbone, task=task, extra=NO_DROPOUT + extra + ["train.epochs=3"])
+    use_dataset(cfg, many_length_dataset(tmp_path, n=60, binary=task == "binary"), "balanced")
+    metrics = T.run(cfg, folds=[0], progress=False)[0]
+    out = cfg.run_dir / "fold0"
+    log = pd.read_csv(out / "log.csv")
+    total, every = metrics["steps"], cfg.train.eval_every
+    assert total == 15  # 40 rows, batches of 8, 3 epochs
+    expected_steps = sorted({*range(every, total + 1, every), total})
+    assert log["step"].tolist() == expected_steps
+    assert {"step", "epoch", "lr", "train_loss", metric, "elapsed_s"} <= set(log.columns)
+    assert log[metric].nunique() > 1  # the model changed between evaluations
+    best_row = log[metric].idxmin() if metric == "rmse" else log[metric].idxmax()
+    assert metrics["score"] == pytest.approx(log[metric][best_row], rel=1e-12)
+    assert metrics["best_step"] == log["step"][best_row]
+    assert metrics["metric"] == metric and metrics["fold"] == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # valid_predictions.csv is the best evaluation's predictions: rescoring it gives the best score.
+    train = D.load_train(cfg)
+    valid = pd.read_csv(out / "valid_predictions.csv")
+    truth = train.set_index("id").loc[valid["id"]]
+    if task == "regression":
+        rescored = score(metric, truth[["target"]].to_numpy(), valid[["target"]].to_numpy())
+    else:
+        rescored = score(metric, truth["label"].to_numpy(), valid[["neg", "pos"]].to_numpy())
+    assert rescored == pytest.approx(metrics["score"], rel=1e-5)
+    assert not (out / "state.pt").exists()  # the resume state goes once the fold is complete
