@@ -120,6 +120,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
@@ -158,7 +159,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             raise PipelineError(f"config key '{key}': expected a list, got {value!r}")
         return [_check_type(v, item, key) for v in value]
     if annotation is float:
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; accept the spelling people type
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"config key '{key}': expected a number, got {value!r}")
@@ -203,7 +204,9 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise PipelineError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""  # float keys also accept YAML 1.1's string "3e-5"
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string; on a command line it means a number
     parts = key.strip().split(".")
     if len(parts) == 1:
         return {parts[0]: value}
@@ -250,21 +253,35 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
 
 
+def _read_chain(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML at `path` after the file its `base:` key names (relative to it), recursively."""
+    if not path.is_file():
+        raise PipelineError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise PipelineError(f"{path}: 'base' chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections (data, model, train)")
+    base = values.pop("base", None)
+    if base is None:
+        return [(path, values)]
+    return _read_chain(path.parent / str(base), [*seen, path.resolve()]) + [(path, values)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (experiment name = its stem), then `section.key=value` overrides."""
+    """Defaults, then the YAML file (after the one its `base:` names), then `section.key=value` overrides.
+
+    The experiment name is the YAML file's stem.
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise PipelineError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise PipelineError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(values, dict):
-            raise PipelineError(f"{path}: expected a mapping of sections (data, model, train)")
+        for file, values in _read_chain(path, []):
+            _apply(cfg, values, str(file))
         cfg.experiment = path.stem
-        _apply(cfg, values, str(path))
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"override '{text}'")
     validate(cfg)
