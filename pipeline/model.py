@@ -6,6 +6,7 @@ regularization.py. The Multi-Sample Dropout head exposes its dropout samples thr
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def effective_dropout(cfg: ModelConfig) -> float | None:
 
 
 def hidden_dropout(config: PretrainedConfig) -> float:
-    for key in ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout"):
+    for key in ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout", "mlp_dropout"):
         value = getattr(config, key, None)
         if isinstance(value, float):
             return value
@@ -135,6 +136,8 @@ class TextModel(nn.Module):
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         self.pooling = pooling
+        # DistilBERT and ModernBERT take no segment ids: a BERT-style tokenizer's are dropped, not an error.
+        self.takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
         self.attention_pool = AttentionPooling(hidden) if pooling == "attention" else None
         if head == "msd":
             self.head = DropoutHead(hidden, outputs, msd_dropout, msd_samples)
@@ -143,7 +146,7 @@ class TextModel(nn.Module):
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
+        if token_type_ids is not None and self.takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**kwargs).last_hidden_state
         if self.pooling == "cls":
@@ -164,7 +167,10 @@ class TextModel(nn.Module):
 
 
 def _make(cfg: ModelConfig, config: PretrainedConfig, outputs: int, backbone: PreTrainedModel) -> TextModel:
-    head_dropout = cfg.head_dropout if cfg.head_dropout is not None else hidden_dropout(config)
+    # Unset, the head follows model.dropout, else the backbone's hidden dropout (which not every config names).
+    dropout = effective_dropout(cfg)
+    head_dropout = cfg.head_dropout if cfg.head_dropout is not None else (
+        dropout if dropout is not None else hidden_dropout(config))
     model = TextModel(backbone, outputs, cfg.pooling, cfg.head, head_dropout, cfg.msd_samples, cfg.msd_dropout)
     if effective_dropout(cfg) == 0.0 and cfg.attention_dropout in (None, 0.0):
         set_dropout(model.backbone, 0.0)

@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _check_probability(p: float) -> float:
+    if not 0.0 <= p < 1.0:  # p = 1 divides by zero: every weight would be NaN
+        raise ValueError(f"mixout probability must be in [0, 1), got {p}")
+    return p
+
+
 class MixLinear(nn.Linear):
     """nn.Linear with mixout toward a frozen pretrained copy of its weight.
 
@@ -24,16 +30,14 @@ class MixLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.0,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"mixout probability must be in [0, 1), got {p}")
-        self.p = p
+        self.p = _check_probability(p)
         self.register_buffer("pretrained", self.weight.detach().clone(), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, p: float) -> MixLinear:
         mix = cls.__new__(cls)
         nn.Module.__init__(mix)
-        mix.in_features, mix.out_features, mix.p = linear.in_features, linear.out_features, p
+        mix.in_features, mix.out_features, mix.p = linear.in_features, linear.out_features, _check_probability(p)
         mix.weight, mix.bias = linear.weight, linear.bias  # the same Parameters: nothing is copied
         mix.register_buffer("pretrained", linear.weight.detach().clone(), persistent=False)
         return mix

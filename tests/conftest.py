@@ -86,3 +86,12 @@ def tiny_config(tmp_path: Path, backbone: Path, task: str = "regression", target
 @pytest.fixture
 def copy_tree():
     return shutil.copytree
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: the tiny model gains nothing from more, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

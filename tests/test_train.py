@@ -23,12 +23,7 @@ BUILD_OPTIMIZER = T.build_optimizer
 NO_DROPOUT = ["model.dropout=0", "model.head_dropout=0", "train.precision=fp32", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more, and the machine is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texts_of_many_lengths(n: int, seed: int = 0) -> list[str]:
