@@ -12,7 +12,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble report
+.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble report bench bench-cost
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -68,3 +68,13 @@ SEEDS ?= 42
 report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, all folds, SEEDS="42 43"), then the report
 	$(BIN)/pipeline grid $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s)) $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --out reports/commonlit_techniques.md
+
+BENCH_DATA = $(or $(DATA),inputs/commonlitreadabilityprize)
+EPOCHS ?= 2
+REPEATS ?= 1
+bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=2 REPEATS=1), then the scaling table
+	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --epochs $(EPOCHS) --repeats $(REPEATS)
+	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --scaling
+
+bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline
+	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10

@@ -2,7 +2,7 @@
 
     python bench/compare_trainer.py --data ../shared/data/commonlit --repeats 2 --out bench/results
 
-Each contender runs in its own subprocess (a clean memory peak), alternating A B B A ... so machine noise
+Each contender runs in its own subprocess (a clean memory peak), alternating A B C C B A ... so machine noise
 shows. Both fine-tune the embedded MiniLM on fold 0 of the pipeline's folds with the same epochs, batch
 size, learning rate, linear schedule with 10% warmup, max length and precision; both evaluate once, at the
 end (the pipeline's mid-training evaluations are turned off here so the work is the same). The Trainer uses
@@ -31,6 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# The pipeline's baseline (attention dropout 0), the same with the checkpoint's dropout, and the Trainer.
+CONTENDERS = ["pipeline", "pipeline-stock-dropout", "trainer"]
 sys.path.insert(0, str(ROOT))
 
 
@@ -56,18 +58,21 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_pipeline(data: str, epochs: float) -> dict:
+def run_pipeline(data: str, epochs: float, stock_dropout: bool = False) -> dict:
+    """The baseline config; `stock_dropout` keeps the checkpoint's attention dropout, as the Trainer's model has."""
     from pipeline import train as T
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(data, epochs, tmp, ["train.save_checkpoint=false", "train.eval_every=100000"])
+        extra = ["train.save_checkpoint=false", "train.eval_every=100000"]
+        cfg = config(data, epochs, tmp, extra + ["model.attention_dropout=null"] * stock_dropout)
         prep = T.prepare(cfg)
         start = time.perf_counter()
         metrics = T.train_fold(prep, 0, progress=False)
         wall = time.perf_counter() - start
         train_pos = (prep.fold != 0).nonzero()[0]
         tokens = int(prep.enc.lengths[train_pos].sum())
-    return {"contender": "pipeline", "wall_s": wall, "rmse": metrics["score"], "train_rows": len(train_pos),
+    name = "pipeline-stock-dropout" if stock_dropout else "pipeline"
+    return {"contender": name, "wall_s": wall, "rmse": metrics["score"], "train_rows": len(train_pos),
             "train_tokens": tokens, "precision": metrics["precision"]}
 
 
@@ -194,7 +199,8 @@ def run_scaling(data: str) -> list[dict]:
 
 
 def child(args) -> None:
-    fn = {"pipeline": run_pipeline, "trainer": run_trainer}[args.one]
+    fn = {"pipeline": run_pipeline, "trainer": run_trainer,
+          "pipeline-stock-dropout": lambda data, epochs: run_pipeline(data, epochs, stock_dropout=True)}[args.one]
     result = fn(args.data, args.epochs)
     result["peak_memory_mb"] = peak_mb()
     result["samples_per_s"] = result["train_rows"] * args.epochs / result["wall_s"]
@@ -208,7 +214,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
-    parser.add_argument("--one", choices=["pipeline", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--scaling", action="store_true")
     args = parser.parse_args()
     if args.one:
@@ -225,7 +231,7 @@ def main() -> None:
         return
     order = []
     for i in range(args.repeats):
-        order += ["pipeline", "trainer"] if i % 2 == 0 else ["trainer", "pipeline"]
+        order += CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]
     results = []
     for contender in order:
         cmd = [sys.executable, __file__, "--one", contender, "--data", args.data, "--epochs", str(args.epochs)]
@@ -238,13 +244,13 @@ def main() -> None:
         print(f"{contender:8s} {r['wall_s']:7.1f} s  {r['samples_per_s']:6.2f} samples/s  "
               f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse {r['rmse']:.4f}", flush=True)
     summary = {}
-    for name in ("pipeline", "trainer"):
+    for name in CONTENDERS:
         runs = [r for r in results if r["contender"] == name]
         summary[name] = {k: float(sum(r[k] for r in runs) / len(runs))
                          for k in ("wall_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "rmse")}
-    ratio = summary["pipeline"]["samples_per_s"] / summary["trainer"]["samples_per_s"]
-    print(f"throughput ratio pipeline/trainer: {ratio:.2f}x  ({machine}, epochs {args.epochs}, "
-          f"repeats {args.repeats})")
+    ratio = {name: summary[name]["samples_per_s"] / summary["trainer"]["samples_per_s"] for name in CONTENDERS[:2]}
+    for name, r in ratio.items():
+        print(f"throughput ratio {name}/trainer: {r:.2f}x  ({machine}, epochs {args.epochs}, repeats {args.repeats})")
     (args.out / "compare_trainer.json").write_text(json.dumps(
         {"machine": machine, "epochs": args.epochs, "runs": results, "mean": summary, "ratio": ratio}, indent=2))
 
