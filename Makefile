@@ -48,8 +48,8 @@ lint: setup ## ruff
 folds: setup ## Assign folds: make folds CONFIG=configs/x.yaml
 	$(BIN)/pipeline folds $(CONFIG) $(ARGS)
 
-train: setup ## Train: make train CONFIG=configs/x.yaml FOLD=0 (all folds when FOLD is empty)
-	$(BIN)/pipeline train $(CONFIG) $(if $(FOLD),--fold $(FOLD)) $(ARGS)
+train: setup ## Train: make train CONFIG=configs/x.yaml FOLD=0 (all folds when FOLD is empty; RESUME=1 continues)
+	$(BIN)/pipeline train $(CONFIG) $(if $(FOLD),--fold $(FOLD)) $(if $(RESUME),--resume) $(ARGS)
 
 oof: setup ## Gather OOF predictions and print the CV: make oof CONFIG=...
 	$(BIN)/pipeline oof $(CONFIG) $(ARGS)
