@@ -70,9 +70,9 @@ report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, al
 	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --out reports/commonlit_techniques.md
 
 BENCH_DATA = $(or $(DATA),inputs/commonlitreadabilityprize)
-EPOCHS ?= 2
+EPOCHS ?= 3
 REPEATS ?= 1
-bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=2 REPEATS=1), then the scaling table
+bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=3 REPEATS=1), then the scaling table
 	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --epochs $(EPOCHS) --repeats $(REPEATS)
 	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --scaling
 

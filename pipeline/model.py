@@ -172,7 +172,7 @@ def _make(cfg: ModelConfig, config: PretrainedConfig, outputs: int, backbone: Pr
     head_dropout = cfg.head_dropout if cfg.head_dropout is not None else (
         dropout if dropout is not None else hidden_dropout(config))
     model = TextModel(backbone, outputs, cfg.pooling, cfg.head, head_dropout, cfg.msd_samples, cfg.msd_dropout)
-    if effective_dropout(cfg) == 0.0 and cfg.attention_dropout in (None, 0.0):
+    if dropout == 0.0 and cfg.attention_dropout in (None, 0.0):
         set_dropout(model.backbone, 0.0)
     return model
 

@@ -158,3 +158,24 @@ def test_cli_bad_override_is_one_error_line_and_exit_1(tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "train.grad_accum" in lines[0], result.output
+
+
+def test_base_chain_applies_the_base_first_and_names_the_experiment_by_the_child(tmp_path):
+    write_yaml(tmp_path / "baseline.yaml", {"train": {"lr": 1e-4, "epochs": 2}, "model": {"pooling": "cls"}})
+    write_yaml(tmp_path / "child.yaml", {"base": "baseline.yaml", "train": {"lr": 3e-5}})
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.experiment, cfg.train.lr, cfg.train.epochs, cfg.model.pooling) == ("child", 3e-5, 2.0, "cls")
+
+
+def test_base_chain_errors_name_the_file(tmp_path):
+    write_yaml(tmp_path / "orphan.yaml", {"base": "missing.yaml"})
+    with pytest.raises(PipelineError, match=r"config file not found: .*missing.yaml \(the base of .*orphan.yaml\)"):
+        load_config(tmp_path / "orphan.yaml")
+    write_yaml(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write_yaml(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(PipelineError, match="'base' chain loops back to itself"):
+        load_config(tmp_path / "a.yaml")
+    write_yaml(tmp_path / "typo.yaml", {"base": "baseline.yaml", "train": {"lrr": 1}})
+    write_yaml(tmp_path / "baseline.yaml", {})
+    with pytest.raises(PipelineError, match=r"typo.yaml: unknown key 'train.lrr'"):
+        load_config(tmp_path / "typo.yaml")
