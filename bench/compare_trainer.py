@@ -10,7 +10,8 @@ dynamic padding and length-grouped sampling; its predictions are aligned by id, 
 predict returns a permuted order.
 
 `--scaling` measures seconds per optimizer step of the pipeline at 1x, 2x, 4x the fold's rows and max
-length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts.
+length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts. `--levers` times a
+step with transformers' attention and dropout against the pipeline's, one lever at a time.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def run_trainer(data: str, epochs: float) -> dict:
             lr_scheduler_type="linear", warmup_steps=round(t.warmup_ratio * steps), max_grad_norm=t.max_grad_norm,
             train_sampling_strategy="group_by_length", bf16=precision == "bf16", fp16=precision == "fp16",
             eval_strategy="no", save_strategy="no", report_to="none", logging_strategy="no", seed=t.seed,
-            remove_unused_columns=False, dataloader_num_workers=0)
+            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
 
         def collate(items):
             rows = [it.pop("row") for it in items]
@@ -157,44 +158,72 @@ def run_trainer(data: str, epochs: float) -> dict:
             "train_rows": len(train_idx), "train_tokens": tokens, "precision": precision}
 
 
-def run_scaling(data: str) -> list[dict]:
-    """Seconds per optimizer step over a few steps, for larger folds and longer max lengths."""
+def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
+    """Median seconds per optimizer step of the pipeline's training step on fold 0, after two warm-up steps."""
     import numpy as np
+    import torch
 
     from pipeline import data as D
     from pipeline import train as T
 
+    prep = T.prepare(cfg)
+    train_pos = np.flatnonzero(prep.fold != 0)
+    device = T.resolve_device("auto")
+    precision = T.resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(0)
+    model, _ = T.build_model(cfg.model, prep.outputs)
+    model.to(device).train()
+    optimizer = T.build_optimizer(model, cfg)
+    batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[: steps + 2]
+    times = []
+    for i, b in enumerate(batches):
+        batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
+        start = time.perf_counter()
+        with T.autocast(device, precision):
+            loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    per_step = float(np.median(times))
+    epoch_steps = math.ceil(len(train_pos) * factor / cfg.train.batch_size)
+    return {"rows": len(train_pos) * factor, "max_length": cfg.data.max_length, "s_per_step": per_step,
+            "epoch_s": per_step * epoch_steps, "mean_tokens": float(prep.enc.lengths[train_pos].mean()),
+            "precision": precision}
+
+
+def run_scaling(data: str) -> list[dict]:
+    """Time per epoch at 1x, 2x, 4x the fold's rows and max length 128, 256, 512 (median step x steps)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for factor, max_length in [(1, 256), (2, 256), (4, 256), (1, 128), (1, 512)]:
-            cfg = config(data, 1, tmp, [f"data.max_length={max_length}"])
-            prep = T.prepare(cfg)
-            train_pos = np.flatnonzero(prep.fold != 0)
-            device = T.resolve_device("auto")
-            precision = T.resolve_precision("auto", device)
-            model, _ = T.build_model(cfg.model, prep.outputs)
-            optimizer = T.build_optimizer(model, cfg)
-            batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[:12]
-            times = []
-            for i, b in enumerate(batches):
-                batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
-                start = time.perf_counter()
-                model.train()
-                with T.autocast(device, precision):
-                    loss = T.training_loss(model, batch, "regression", 0.0)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                if i >= 2:  # warm-up steps excluded
-                    times.append(time.perf_counter() - start)
-            per_step = float(np.median(times))
-            steps = math.ceil(len(train_pos) * factor / cfg.train.batch_size)
-            rows.append({"rows": len(train_pos) * factor, "max_length": max_length, "s_per_step": per_step,
-                         "epoch_s": per_step * steps, "mean_tokens": float(prep.enc.lengths[train_pos].mean())})
-            del model, optimizer
+            rows.append(seconds_per_step(config(data, 1, tmp, [f"data.max_length={max_length}"]), factor=factor))
     base = rows[0]
     for r in rows:
         r["linear_epoch_s"] = base["epoch_s"] * r["rows"] / base["rows"] * r["mean_tokens"] / base["mean_tokens"]
+    return rows
+
+
+LEVERS = [  # (name, overrides): transformers' kernels first, then the pipeline's, one lever at a time
+    ("sdpa + nn.Dropout", ["model.attention=sdpa", "model.fast_dropout=false"]),
+    ("pipeline attention + nn.Dropout", ["model.attention=pipeline", "model.fast_dropout=false"]),
+    ("pipeline attention + fast dropout", ["model.attention=pipeline", "model.fast_dropout=true"]),
+]
+
+
+def run_levers(data: str) -> list[dict]:
+    """Seconds per step with and without each speed lever, at the baseline's attention dropout 0 and stock 0.1."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for attention_dropout in ("0.0", "null"):
+            for name, overrides in LEVERS:
+                cfg = config(data, 1, tmp, [f"model.attention_dropout={attention_dropout}", *overrides])
+                row = seconds_per_step(cfg, steps=10)
+                row.update(lever=name, attention_dropout=attention_dropout)
+                rows.append(row)
+                print(f"attention dropout {attention_dropout:4s} {name:34s} {row['s_per_step']:.3f} s/step", flush=True)
     return rows
 
 
@@ -216,11 +245,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--levers", action="store_true", help="seconds per step with and without each speed lever")
     args = parser.parse_args()
     if args.one:
         return child(args)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.levers:
+        rows = run_levers(args.data)
+        (args.out / "levers.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        return
     if args.scaling:
         rows = run_scaling(args.data)
         print(f"scaling ({machine}): rows, max_length, s/step, epoch s, linear-cost epoch s")

@@ -16,48 +16,24 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def measure(config_path: Path, data: str, steps: int) -> dict:
-    import numpy as np
-    import torch
+    from compare_trainer import seconds_per_step
 
-    from pipeline import data as D
-    from pipeline import train as T
     from pipeline.config import load_config
 
     cfg = load_config(config_path, [f"data.dir={data}", "output_dir=/tmp/technique_cost"])
-    prep = T.prepare(cfg)
-    device = T.resolve_device("auto")
-    precision = T.resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(0)
-    model, _ = T.build_model(cfg.model, prep.outputs)
-    model.to(device).train()
-    optimizer = T.build_optimizer(model, cfg)
-    train_pos = np.flatnonzero(prep.fold != 0)
-    batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[: steps + 2]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
-    for i, b in enumerate(batches):
-        batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
-        start = time.perf_counter()
-        with T.autocast(device, precision):
-            loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return {"experiment": cfg.experiment, "s_per_step": float(np.median(times)), "precision": precision,
-            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "model_loaded_mb": rss_before}
+    row = seconds_per_step(cfg, steps)
+    return {"experiment": cfg.experiment, "s_per_step": row["s_per_step"], "precision": row["precision"],
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:

@@ -72,6 +72,11 @@ class ModelConfig:
     mixout: float = 0.0  # probability p of mixing a weight back to its pretrained value (Lee et al., 2019)
     reinit_layers: int = 0  # re-initialize the top k encoder layers (Zhang et al., 2021)
     gradient_checkpointing: bool = False
+    # Speed (same maths, measured in bench/): "pipeline" attention is plain ops + a cheap dropout mask for
+    # CPU training, SDPA elsewhere; "sdpa"/"eager" are transformers' own. fast_dropout: the cheap mask in
+    # every nn.Dropout too.
+    attention: Literal["pipeline", "sdpa", "eager"] = "pipeline"
+    fast_dropout: bool = True
 
 
 @dataclass
@@ -90,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     rdrop: float = 0.0  # R-Drop consistency weight alpha; 0 is off (Liang et al., 2021)
     eval_every: int = 0  # optimizer steps between evaluations; 0: twice per epoch
+    eval_start: float = 0.0  # fraction of the steps before evaluations begin; the last step is always evaluated
     eval_batch_size: int = 64
     length_grouping: bool = True  # batches of similar length: far less padding
     metric: str | None = None  # null: rmse (regression) or logloss (classification)
@@ -240,6 +246,7 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.rdrop >= 0, "train.rdrop", f"must be >= 0, got {t.rdrop}")
     need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    need(0 <= t.eval_start < 1, "train.eval_start", f"must be in [0, 1), got {t.eval_start}")
     need(d.n_folds >= 2, "data.n_folds", f"must be at least 2, got {d.n_folds}")
     need(d.fold_bins >= 2, "data.fold_bins", f"must be at least 2, got {d.fold_bins}")
     need(d.max_length >= 8, "data.max_length", f"must be at least 8, got {d.max_length}")

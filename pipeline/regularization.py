@@ -1,4 +1,4 @@
-"""Regularizers that change the backbone's layers: Mixout and setting dropout.
+"""Regularizers that change the backbone's layers: Mixout, setting dropout, a cheaper dropout mask.
 
 Mixout: Lee, Cho and Kang, "Mixout: Effective Regularization to Finetune Large-scale Pretrained Language
 Models", ICLR 2020 (arXiv:1909.11299). Each weight is mixed back to its pretrained value u with
@@ -67,6 +67,50 @@ def apply_mixout(module: nn.Module, p: float) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, MixLinear.from_linear(child, p))
+                count += 1
+    return count
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True with probability 1 - p (to 1/65536), from a quarter as many random draws.
+
+    The CPU generator is slow per draw (nn.Dropout's bernoulli_ was 8 % of a MiniLM training step); one
+    64-bit draw gives four 16-bit uniforms.
+    """
+    n = shape.numel()
+    # random_() alone leaves the sign bit 0: the full 64-bit range needs from=-2**63, to=None.
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return words.view(torch.int16)[:n].view(shape) >= -32768 + round(p * 65536)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout like F.dropout (kept entries scaled by 1 / (1 - p)), about 3x cheaper on CPU.
+
+    On other devices it is F.dropout, whose fused kernels are already cheap.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with the cheaper mask of `fast_dropout`; the same p, the same train/eval behaviour."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+def use_fast_dropout(module: nn.Module) -> int:
+    """Swap every nn.Dropout below `module` for a FastDropout of the same p; returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastDropout(child.p))
                 count += 1
     return count
 

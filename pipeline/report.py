@@ -21,7 +21,7 @@ from pipeline import data as D
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, is_better, score
-from pipeline.runs import load_run_config
+from pipeline.runs import flat, load_run_config
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
 
@@ -151,10 +151,22 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
                "delta": cv - float(np.mean([r.cv for r in base.runs])), "failed": failed,
                "fold_seconds": float(np.mean([s for r in exp.runs for s in r.train_seconds])),
                "peak_memory_mb": float(np.max([m for r in exp.runs for m in r.peak_memory_mb]))}
+        row["changes"] = changes(exp, base)
         row.update(compare(exp, base, metric) if name != baseline else
                    {"pairs": len(scores), "wins": 0, "wilcoxon_p": float("nan"), "ttest_p": float("nan")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# Keys that name or place a run rather than change what it trains.
+NOT_A_CHANGE = {"experiment", "output_dir", "data.dir", "train.seed", "train.num_threads", "train.save_checkpoint"}
+
+
+def changes(exp: Experiment, base: Experiment) -> str:
+    """The config keys in which an experiment differs from the baseline, e.g. `model.mixout=0.1`."""
+    mine, theirs = flat(exp.runs[0].config.to_dict()), flat(base.runs[0].config.to_dict())
+    diff = [f"{k}={mine[k]}" for k in mine if k not in NOT_A_CHANGE and mine[k] != theirs.get(k)]
+    return ", ".join(diff) or "—"
 
 
 def _plots(experiments: dict[str, Experiment], table: pd.DataFrame, baseline: str, metric: str, out_dir: Path,
@@ -257,17 +269,22 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
              f"metric {metric}, {'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)",
              f"- model: {first.model.backbone}; folds: {first.data.n_folds}; seeds: {', '.join(map(str, seeds))}; "
              f"precision: {', '.join(precisions)}",
+             f"- training (baseline): {first.train.epochs:g} epoch(s), batch {first.train.batch_size}, lr "
+             f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "
+             f"{first.train.eval_every or 'half epoch'} steps from {first.train.eval_start:.0%} of training, "
+             "best evaluation kept",
              f"- hardware: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
              f"torch {torch.__version__}", "",
-             "| experiment | seeds | OOF CV | fold mean ± std | Δ vs baseline | wins | Wilcoxon p | paired t p | "
-             "failed runs | s / fold | peak MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| experiment | changes | seeds | OOF CV | fold mean ± std | Δ vs baseline | wins | Wilcoxon p | "
+             "paired t p | failed runs | s / fold | peak MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, r in table.iterrows():
         delta = "—" if r["experiment"] == baseline else f"{r['delta']:+.4f}"
         wins = "—" if r["experiment"] == baseline else f"{r['wins']}/{r['pairs']}"
-        lines.append(f"| {r['experiment']} | {r['seeds']} | {_fmt(r['cv'])} | {_fmt(r['fold_mean'])} ± "
-                     f"{_fmt(r['fold_std'])} | {delta} | {wins} | {_fmt(r['wilcoxon_p'], 3)} | "
-                     f"{_fmt(r['ttest_p'], 3)} | {r['failed']} | {r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
+        lines.append(f"| {r['experiment']} | {r['changes']} | {r['seeds']} | {_fmt(r['cv'])} | "
+                     f"{_fmt(r['fold_mean'])} ± {_fmt(r['fold_std'])} | {delta} | {wins} | "
+                     f"{_fmt(r['wilcoxon_p'], 3)} | {_fmt(r['ttest_p'], 3)} | {r['failed']} | "
+                     f"{r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     incomplete = [m for e in experiments.values() for m in e.incomplete]
     lines += ["", "Failed runs: folds no better than predicting the training mean. Wins: paired (seed, fold) "
               "comparisons with the baseline that the experiment won.", "",

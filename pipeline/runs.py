@@ -18,6 +18,40 @@ def load_run_config(run_dir: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
+# Keys that say where or how fast a run executes, not what it computes: folds may be trained with them changed
+# (e.g. some folds on a CPU in bf16, the rest on a GPU in fp16).
+WHERE_KEYS = {"data.dir", "train.num_threads", "train.save_checkpoint", "train.device", "train.precision",
+              "model.attention", "model.fast_dropout"}
+
+
+def flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_config(cfg: Config, run_dir: Path) -> None:
+    """Refuse to add folds to a run directory whose saved config computes something else.
+
+    Mixing folds trained with different settings would give a CV that belongs to neither. Keys absent from an
+    older saved config are not compared.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    saved = flat(yaml.safe_load(path.read_text()) or {})
+    now = flat(cfg.to_dict())
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
+               if k in saved and k not in WHERE_KEYS and saved[k] != now[k]]
+    if changed:
+        raise PipelineError(f"{path} was written by a run with other settings ({'; '.join(changed)}). "
+                            f"Use another experiment name, or delete {run_dir} to start it over.")
+
+
 def read_predictions(run_dir: Path, name: str, hint: str) -> pd.DataFrame:
     path = Path(run_dir) / name
     if not path.exists():

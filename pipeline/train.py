@@ -29,6 +29,7 @@ from pipeline.losses import predictions, rdrop_consistency, task_loss
 from pipeline.metrics import is_better, score
 from pipeline.model import TextModel, build_model, encoder_layers, load_tokenizer, resolve_backbone
 from pipeline.regularization import active_dropout
+from pipeline.runs import check_same_config
 
 
 @dataclass
@@ -189,6 +190,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     if fold not in set(prep.fold.tolist()):
         raise PipelineError(f"fold {fold} does not exist: data.n_folds is {cfg.data.n_folds}")
     out = fold_dir(cfg, fold)
+    check_same_config(cfg, cfg.run_dir)
     if resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # this fold finished before the interruption
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +217,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     eval_every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
+    first_eval = t.eval_start * total_steps  # each evaluation costs as much as several training steps
     pad_id = prep.tokenizer.pad_token_id or 0
     y_valid = metric_target(prep, valid_pos)
 
@@ -274,7 +277,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 scheduler.step()
                 step += 1
                 bar.update(task_id, completed=step)
-                if step % eval_every and step < total_steps:
+                if (step % eval_every or step < first_eval) and step < total_steps:
                     continue
 
                 preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id)

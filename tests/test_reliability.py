@@ -301,6 +301,14 @@ def test_predict_without_checkpoints_names_the_folds(work):
     assert "no checkpoint for fold(s) 0 " in message, message
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_training_into_a_run_with_other_settings_is_refused(work, resume):
+    """Folds trained with different settings in one directory would give a CV that belongs to neither."""
+    message = fail_untouched(work, "train", work / "exp.yaml", "--fold", "1", *resume, *sets("train.lr=2e-3"))
+    assert "oof/exp/config.yaml was written by a run with other settings (train.lr: 0.001 -> 0.002)" in message
+    assert "Use another experiment name" in message, message
+
+
 @pytest.mark.parametrize("other, expected", [("otherfolds", "'otherfolds' was trained on other folds than 'exp'"),
                                              ("othertarget", "'othertarget' was trained on other data or targets")])
 def test_ensemble_refuses_mismatched_members(work, other, expected):

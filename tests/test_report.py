@@ -39,10 +39,10 @@ def assign_folds(y: np.ndarray) -> np.ndarray:
 
 
 def fabricate(cfg, name: str, seed: int, preds: np.ndarray, fold: np.ndarray, ids: list[str], columns: list[str],
-              finished=range(FOLDS), oof: bool = True) -> Path:
+              finished=range(FOLDS), oof: bool = True, mixout: float = 0.0) -> Path:
     """One run directory as training leaves it; `finished` folds get metrics.json, `oof` writes oof.csv."""
     run_cfg = copy.deepcopy(cfg)
-    run_cfg.experiment, run_cfg.train.seed = name, seed
+    run_cfg.experiment, run_cfg.train.seed, run_cfg.model.mixout = name, seed, mixout
     run = Path(cfg.output_dir) / name
     save_config(run_cfg, run / "config.yaml")
     for k in range(FOLDS):
@@ -121,7 +121,8 @@ def regression(tmp_path_factory):
         return p[:, None]
 
     for name, (seed, noise, offsets) in REGRESSION_RUNS.items():
-        fabricate(cfg, name, seed, preds(noise, offsets), fold, ids, ["target"])
+        fabricate(cfg, name, seed, preds(noise, offsets), fold, ids, ["target"],
+                  mixout=0.1 if name.startswith("better") else 0.0)
     # Unfinished: a fold without metrics.json; all folds done but no oof.csv; an unfinished third seed.
     fabricate(cfg, "half", 42, preds(0.1, {}), fold, ids, ["target"], finished=[0, 1], oof=False)
     fabricate(cfg, "nooof", 42, preds(0.1, {}), fold, ids, ["target"], oof=False)
@@ -169,14 +170,16 @@ def test_numbers_match_recomputation(regression):
             assert got[key] == pytest.approx(value, rel=TOL, abs=ABS), (experiment, key)
         # The Markdown shows the same numbers, rounded.
         md = rows[experiment]
-        assert md[0] == str(want["seeds"]) and md[1] == f"{want['cv']:.4f}"
-        assert md[2] == f"{want['fold_mean']:.4f} ± {want['fold_std']:.4f}" and md[3] == f"{want['delta']:+.4f}"
-        assert md[4] == f"{want['wins']}/{want['pairs']}" and md[7] == str(want["failed"])
-        assert md[5] == f"{want['wilcoxon_p']:.3f}" and md[6] == f"{want['ttest_p']:.3f}"
+        assert md[1] == str(want["seeds"]) and md[2] == f"{want['cv']:.4f}"
+        assert md[3] == f"{want['fold_mean']:.4f} ± {want['fold_std']:.4f}" and md[4] == f"{want['delta']:+.4f}"
+        assert md[5] == f"{want['wins']}/{want['pairs']}" and md[8] == str(want["failed"])
+        assert md[6] == f"{want['wilcoxon_p']:.3f}" and md[7] == f"{want['ttest_p']:.3f}"
+    # What each experiment changes from the baseline (the seed is not a change).
+    assert rows["better"][0] == "model.mixout=0.1" and rows["close"][0] == "—" and rows["base"][0] == "—"
     # The baseline's own row: its CV, no delta, and both seeds.
     want_cv = np.mean([r["cv"] for r in base.values()])
     assert table.loc["base", "cv"] == pytest.approx(want_cv) and table.loc["base", "seeds"] == 2
-    assert table.loc["base", "delta"] == pytest.approx(0.0, abs=1e-12) and rows["base"][3] == "—"
+    assert table.loc["base", "delta"] == pytest.approx(0.0, abs=1e-12) and rows["base"][4] == "—"
     # Cost columns: mean seconds per fold, peak memory over every fold and seed.
     assert table.loc["better", "fold_seconds"] == pytest.approx(np.mean([10, 20, 30]) + (42 + 1) / 2)
     assert table.loc["better", "peak_memory_mb"] == pytest.approx(100 + 42 + 2)
@@ -222,7 +225,7 @@ def test_incomplete_listed_not_dropped(regression):
     assert re.search(r"- nooof: no oof\.csv", incomplete)
     assert re.search(r"- better-seed7: fold\(s\) 1, 2 not finished", incomplete)
     rows = table_rows(text)
-    assert "half" not in rows and "nooof" not in rows and rows["better"][0] == "2"
+    assert "half" not in rows and "nooof" not in rows and rows["better"][1] == "2"
 
 
 def test_pattern_matching_nothing_is_an_error(regression):

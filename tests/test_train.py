@@ -80,8 +80,10 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_backbone, task):
     for g_big, g_micro in zip(big, micro, strict=True):
         torch.testing.assert_close(g_micro, g_big, rtol=1e-4, atol=1e-6)
     moved = 0
+    # Adam's first step is lr * g / (|g| + eps): where a gradient is near eps, a rounding difference between
+    # the two summation orders moves the step visibly, so the parameters agree to a small fraction of lr.
     for p0, p_big, p_micro in zip(before, big_model.parameters(), micro_model.parameters(), strict=True):
-        torch.testing.assert_close(p_micro, p_big, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p_micro, p_big, rtol=0, atol=cfg.train.lr / 50)
         moved += int(not torch.equal(p0, p_big))
     assert moved > 10  # the step did change the model
 
@@ -289,6 +291,7 @@ def test_schedule_counts_optimizer_steps(tmp_path, tiny_backbone, monkeypatch, e
 
 @pytest.mark.parametrize("task, metric, extra", [
     ("regression", "rmse", ["train.eval_every=2"]),
+    ("regression", "rmse", ["train.eval_every=2", "train.eval_start=0.5"]),  # evaluations from step 7.5 on
     ("binary", "auc", ["train.metric=auc", "train.eval_every=3", "train.lr=5e-3"]),  # higher is better
 ])
 def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny_backbone, task, metric, extra):
@@ -299,7 +302,8 @@ def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny
     log = pd.read_csv(out / "log.csv")
     total, every = metrics["steps"], cfg.train.eval_every
     assert total == 15  # 40 rows, batches of 8, 3 epochs
-    expected_steps = sorted({*range(every, total + 1, every), total})
+    start = cfg.train.eval_start * total
+    expected_steps = sorted({*(s for s in range(every, total + 1, every) if s >= start), total})
     assert log["step"].tolist() == expected_steps
     assert {"step", "epoch", "lr", "train_loss", metric, "elapsed_s"} <= set(log.columns)
     assert log[metric].nunique() > 1  # the model changed between evaluations

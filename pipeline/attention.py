@@ -1,0 +1,69 @@
+"""The pipeline's attention kernel for training on CPU, registered with transformers as "pipeline".
+
+Measured on CommonLit with MiniLM, bf16, batch 16 on the 2-core CPU (`bench/compare_trainer.py --levers`):
+PyTorch's fused SDPA kernel is quick forward but its CPU backward is slow, and attention-probability
+dropout takes the fused path away altogether. Written in plain ops (two matmuls and a softmax) with the
+cheap dropout mask of `regularization.fast_dropout`, a training step is faster in both cases. Inference
+(no autograd) and every non-CPU device keep transformers' SDPA, which is the fastest there.
+
+Architectures that do not dispatch attention through transformers' AttentionInterface (e.g. DeBERTa)
+keep their own attention; `use_pipeline_attention` says which happened.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, sdpa_mask
+
+from pipeline.regularization import fast_dropout
+
+NAME = "pipeline"
+
+
+def pipeline_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs):
+    """Same signature and result as transformers' attention functions: (B, T, H, D) output, no weights."""
+    causal = kwargs.get("is_causal") or getattr(module, "is_causal", False)
+    if query.device.type != "cpu" or not torch.is_grad_enabled() or causal or key.shape[1] != query.shape[1]:
+        # CUDA, inference, causal masks and grouped key/value heads: transformers' own SDPA path
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # True: attend. An additive bias broadcasts faster than masked_fill.
+            attention_mask = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device) \
+                .masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        scores = scores + attention_mask
+    weights = fast_dropout(torch.softmax(scores, dim=-1), dropout, module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=bidirectional_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
+    """An encoder's padding mask as (batch, 1, 1, keys) booleans (True: attend), None when nothing is padded.
+
+    Broadcasting one row per sequence costs less than transformers' (batch, 1, queries, keys) mask; any
+    other mask (causal, custom mask functions, offsets) is transformers' SDPA mask.
+    """
+    plain = mask_function is bidirectional_mask_function and q_offset == 0 and kv_offset == 0
+    if plain and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == kv_length:
+        mask = attention_mask.to(torch.bool)
+        return None if mask.device.type == "cpu" and bool(mask.all()) else mask[:, None, None, :]
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, pipeline_attention)
+AttentionMaskInterface.register(NAME, padding_mask)
+
+
+def use_pipeline_attention(backbone: PreTrainedModel) -> bool:
+    """Switch a loaded backbone to the pipeline's attention where its architecture allows; True if it did."""
+    if not backbone._can_set_attn_implementation():
+        return False
+    backbone.set_attn_implementation(NAME)
+    return backbone.config._attn_implementation == NAME
