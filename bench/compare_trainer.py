@@ -59,13 +59,13 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_pipeline(data: str, epochs: float, stock_dropout: bool = False) -> dict:
+def run_pipeline(data: str, epochs: float, sets: list[str], stock_dropout: bool = False) -> dict:
     """The baseline config; `stock_dropout` keeps the checkpoint's attention dropout, as the Trainer's model has."""
     from pipeline import train as T
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["train.save_checkpoint=false", "train.eval_every=100000"]
-        cfg = config(data, epochs, tmp, extra + ["model.attention_dropout=null"] * stock_dropout)
+        cfg = config(data, epochs, tmp, extra + ["model.attention_dropout=null"] * stock_dropout + sets)
         prep = T.prepare(cfg)
         start = time.perf_counter()
         metrics = T.train_fold(prep, 0, progress=False)
@@ -77,7 +77,7 @@ def run_pipeline(data: str, epochs: float, stock_dropout: bool = False) -> dict:
             "train_tokens": tokens, "precision": metrics["precision"]}
 
 
-def run_trainer(data: str, epochs: float) -> dict:
+def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
     import numpy as np
     import torch
     from transformers import (
@@ -95,7 +95,7 @@ def run_trainer(data: str, epochs: float) -> dict:
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(data, epochs, tmp)
+        cfg = config(data, epochs, tmp, sets)  # e.g. train.seed=7: the Trainer reads lr, batch, seed... from it
         df, train_idx, valid_idx = fold_rows(cfg)
         t = cfg.train
         source = resolve_backbone(cfg.model.backbone)
@@ -229,8 +229,8 @@ def run_levers(data: str) -> list[dict]:
 
 def child(args) -> None:
     fn = {"pipeline": run_pipeline, "trainer": run_trainer,
-          "pipeline-stock-dropout": lambda data, epochs: run_pipeline(data, epochs, stock_dropout=True)}[args.one]
-    result = fn(args.data, args.epochs)
+          "pipeline-stock-dropout": lambda *a: run_pipeline(*a, stock_dropout=True)}[args.one]
+    result = fn(args.data, args.epochs, args.set)
     result["peak_memory_mb"] = peak_mb()
     result["samples_per_s"] = result["train_rows"] * args.epochs / result["wall_s"]
     result["tokens_per_s"] = result["train_tokens"] * args.epochs / result["wall_s"]
@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=CONTENDERS, help="contenders to run")
+    parser.add_argument("--set", action="append", default=[], help="config override for every contender, e.g. "
+                        "train.seed=7 (repeat)")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--levers", action="store_true", help="seconds per step with and without each speed lever")
     args = parser.parse_args()
@@ -265,10 +268,11 @@ def main() -> None:
         return
     order = []
     for i in range(args.repeats):
-        order += CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]
+        order += args.only if i % 2 == 0 else args.only[::-1]
     results = []
     for contender in order:
-        cmd = [sys.executable, __file__, "--one", contender, "--data", args.data, "--epochs", str(args.epochs)]
+        cmd = [sys.executable, __file__, "--one", contender, "--data", args.data, "--epochs", str(args.epochs),
+               *[f"--set={x}" for x in args.set]]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
@@ -278,15 +282,17 @@ def main() -> None:
         print(f"{contender:8s} {r['wall_s']:7.1f} s  {r['samples_per_s']:6.2f} samples/s  "
               f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse {r['rmse']:.4f}", flush=True)
     summary = {}
-    for name in CONTENDERS:
+    for name in args.only:
         runs = [r for r in results if r["contender"] == name]
         summary[name] = {k: float(sum(r[k] for r in runs) / len(runs))
                          for k in ("wall_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "rmse")}
-    ratio = {name: summary[name]["samples_per_s"] / summary["trainer"]["samples_per_s"] for name in CONTENDERS[:2]}
+    ratio = {name: summary[name]["samples_per_s"] / summary["trainer"]["samples_per_s"]
+             for name in args.only if name != "trainer" and "trainer" in summary}
     for name, r in ratio.items():
         print(f"throughput ratio {name}/trainer: {r:.2f}x  ({machine}, epochs {args.epochs}, repeats {args.repeats})")
-    (args.out / "compare_trainer.json").write_text(json.dumps(
-        {"machine": machine, "epochs": args.epochs, "runs": results, "mean": summary, "ratio": ratio}, indent=2))
+    name = "compare_trainer" + "".join(f"_{x}".replace("=", "-") for x in args.set) + ".json"
+    (args.out / name).write_text(json.dumps({"machine": machine, "epochs": args.epochs, "sets": args.set,
+                                             "runs": results, "mean": summary, "ratio": ratio}, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,14 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                  mask_function=bidirectional_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
     """An encoder's padding mask as (batch, 1, 1, keys) booleans (True: attend), None when nothing is padded.
 
-    Broadcasting one row per sequence costs less than transformers' (batch, 1, queries, keys) mask; any
-    other mask (causal, custom mask functions, offsets) is transformers' SDPA mask.
+    On CPU, broadcasting one row per sequence costs less than transformers' (batch, 1, queries, keys) mask;
+    any other mask (CUDA, causal, custom mask functions, offsets) is transformers' SDPA mask.
     """
     plain = mask_function is bidirectional_mask_function and q_offset == 0 and kv_offset == 0
-    if plain and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == kv_length:
+    if plain and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == kv_length \
+            and attention_mask.device.type == "cpu":
         mask = attention_mask.to(torch.bool)
-        return None if mask.device.type == "cpu" and bool(mask.all()) else mask[:, None, None, :]
+        return None if bool(mask.all()) else mask[:, None, None, :]
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
 
 

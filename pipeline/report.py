@@ -217,6 +217,11 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
     base = table[table["experiment"] == baseline].iloc[0]
     spread = base["cv_seed_std"] if not np.isnan(base["cv_seed_std"]) else None
     lines = []
+    pairs = int(table["pairs"].min()) if len(table) else 0
+    if 0 < pairs < 6:  # the exact two-sided test's smallest p-value is 2 / 2**n
+        lines.append(f"- With {pairs} paired folds the smallest possible two-sided Wilcoxon p is "
+                     f"{2 / 2 ** pairs:.3f}: no difference can reach p < 0.05 this way; the paired t-test and "
+                     "more seeds (`SEEDS=\"42 43 44\"`) can.")
     for _, row in table[table["experiment"] != baseline].iterrows():
         better = row["delta"] < 0 if lower else row["delta"] > 0
         verdict = "better" if better else "worse"

@@ -199,6 +199,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
         torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
+    reset_peak_memory(device)
     set_seed(t.seed + fold)
 
     train_pos = np.flatnonzero(prep.fold != fold)
@@ -317,9 +318,27 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     return metrics
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fold's peak-memory count afresh: a grid trains many folds in one process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident high-water mark
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory (since `reset_peak_memory` on Linux)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

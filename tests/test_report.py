@@ -158,6 +158,12 @@ def test_report_renders(regression):
     assert str(WRONG_SCORE) not in text and not np.isclose(table[["cv", "fold_mean"]], WRONG_SCORE).any()
 
 
+def test_reading_warns_when_too_few_pairs_for_wilcoxon(regression):
+    """3 paired folds: the exact two-sided Wilcoxon p cannot go below 2 / 2**3, whatever the difference."""
+    reading = regression["out"].read_text().split("## Reading", 1)[1]
+    assert "With 3 paired folds the smallest possible two-sided Wilcoxon p is 0.250" in reading
+
+
 def test_numbers_match_recomputation(regression):
     table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
     rows = table_rows(regression["out"].read_text())

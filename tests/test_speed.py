@@ -128,3 +128,20 @@ def test_pipeline_attention_masks_padded_keys():
     torch.testing.assert_close(out, out2)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipeline_attention_on_cuda_is_sdpa_with_the_same_results(tmp_path, tiny_backbone):
+    batch = tiny_batch(tiny_backbone).to(torch.device("cuda"))
+    outputs = []
+    for attention in ("pipeline", "sdpa"):
+        torch.manual_seed(0)
+        _, model, _ = build(tmp_path, tiny_backbone, f"model.attention={attention}", "model.dropout=0",
+                            "model.head_dropout=0")
+        model.cuda()
+        with torch.autocast("cuda", dtype=torch.float16):
+            outputs.append(model(**batch.inputs).float())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-2, atol=1e-3)
+    x = torch.ones(1000, device="cuda")
+    assert (fast_dropout(x, 0.5) == 0).any()  # F.dropout on CUDA
