@@ -74,8 +74,8 @@ def apply_mixout(module: nn.Module, p: float) -> int:
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Boolean mask, True with probability 1 - p (to 1/65536), from a quarter as many random draws.
 
-    The CPU generator is slow per draw (nn.Dropout's bernoulli_ was 8 % of a MiniLM training step); one
-    64-bit draw gives four 16-bit uniforms.
+    The CPU generator is slow per draw (nn.Dropout's bernoulli_ draws once per element); one 64-bit draw
+    gives four 16-bit uniforms. Its effect on a step: `python bench/compare_trainer.py --levers`.
     """
     n = shape.numel()
     # random_() alone leaves the sign bit 0: the full 64-bit range needs from=-2**63, to=None.
@@ -84,7 +84,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout like F.dropout (kept entries scaled by 1 / (1 - p)), about 3x cheaper on CPU.
+    """Inverted dropout like F.dropout (kept entries scaled by 1 / (1 - p)), with the cheaper CPU mask.
 
     On other devices it is F.dropout, whose fused kernels are already cheap.
     """

@@ -21,7 +21,7 @@ from pipeline import data as D
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, is_better, score
-from pipeline.runs import flat, load_run_config
+from pipeline.runs import differing_keys, load_run_config
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
 
@@ -164,9 +164,8 @@ NOT_A_CHANGE = {"experiment", "output_dir", "data.dir", "train.seed", "train.num
 
 def changes(exp: Experiment, base: Experiment) -> str:
     """The config keys in which an experiment differs from the baseline, e.g. `model.mixout=0.1`."""
-    mine, theirs = flat(exp.runs[0].config.to_dict()), flat(base.runs[0].config.to_dict())
-    diff = [f"{k}={mine[k]}" for k in mine if k not in NOT_A_CHANGE and mine[k] != theirs.get(k)]
-    return ", ".join(diff) or "—"
+    diff = differing_keys(exp.runs[0].config.to_dict(), base.runs[0].config.to_dict(), NOT_A_CHANGE)
+    return ", ".join(f"{k}={mine}" for k, mine, _ in diff) or "—"
 
 
 def _plots(experiments: dict[str, Experiment], table: pd.DataFrame, baseline: str, metric: str, out_dir: Path,

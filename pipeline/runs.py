@@ -24,14 +24,20 @@ WHERE_KEYS = {"data.dir", "train.num_threads", "train.save_checkpoint", "train.d
               "model.attention", "model.fast_dropout"}
 
 
-def flat(values: dict, prefix: str = "") -> dict:
+def _flat(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
+            out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def differing_keys(a: dict, b: dict, ignore: set[str] = frozenset()) -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) for each key of two config dicts that both have and set differently."""
+    fa, fb = _flat(a), _flat(b)
+    return [(k, fa[k], fb[k]) for k in fa if k in fb and k not in ignore and fa[k] != fb[k]]
 
 
 def check_same_config(cfg: Config, run_dir: Path) -> None:
@@ -43,12 +49,10 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return
-    saved = flat(yaml.safe_load(path.read_text()) or {})
-    now = flat(cfg.to_dict())
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-               if k in saved and k not in WHERE_KEYS and saved[k] != now[k]]
+    changed = differing_keys(yaml.safe_load(path.read_text()) or {}, cfg.to_dict(), WHERE_KEYS)
     if changed:
-        raise PipelineError(f"{path} was written by a run with other settings ({'; '.join(changed)}). "
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
+        raise PipelineError(f"{path} was written by a run with other settings ({listed}). "
                             f"Use another experiment name, or delete {run_dir} to start it over.")
 
 
