@@ -69,8 +69,12 @@ SEEDS ?= 42
 # trains 3). Its runs live in oof/report/, apart from full-length runs of the same configs in oof/.
 REPORT_DIR ?= oof/report
 REPORT_SET ?= train.epochs=1
+# Extra seeds for the baseline alone: the seed-to-seed spread the report's reading measures each difference against.
+BASELINE_SEEDS ?= 43
+REPORT_GRID = $(BIN)/pipeline grid --set output_dir=$(REPORT_DIR) $(ARGS) $(foreach s,$(REPORT_SET),--set $(s))
 report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, 5 folds, SEEDS="42 43"), then the report
-	$(BIN)/pipeline grid $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s)) --set output_dir=$(REPORT_DIR) $(ARGS) $(foreach s,$(REPORT_SET),--set $(s))
+	$(REPORT_GRID) $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s))
+	$(if $(BASELINE_SEEDS),$(REPORT_GRID) configs/commonlit_baseline.yaml $(foreach s,$(BASELINE_SEEDS),--seed $(s)))
 	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --output-dir $(REPORT_DIR) --out reports/commonlit_techniques.md
 
 BENCH_DATA = $(or $(DATA),inputs/commonlitreadabilityprize)

@@ -11,7 +11,9 @@ predict returns a permuted order.
 
 `--scaling` measures seconds per optimizer step of the pipeline at 1x, 2x, 4x the fold's rows and max
 length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts. `--levers` times a
-step with transformers' attention and dropout against the pipeline's, one lever at a time.
+step with transformers' attention and dropout against the pipeline's, one lever at a time. `--padding`
+prints the share of padding tokens in an epoch of fold-0 batches, length-grouped and random (what a token
+budget per batch could save at most).
 """
 
 from __future__ import annotations
@@ -227,6 +229,25 @@ def run_levers(data: str) -> list[dict]:
     return rows
 
 
+def padding_share(data: str) -> dict:
+    """Padded tokens over real tokens, minus 1, for one epoch of fold-0 training batches."""
+    from pipeline import data as D
+    from pipeline.model import load_tokenizer, resolve_backbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config(data, 1, tmp)
+        df, train_idx, _ = fold_rows(cfg)
+        enc = D.encode(load_tokenizer(resolve_backbone(cfg.model.backbone)), df.iloc[train_idx],
+                       cfg.data.text_columns, cfg.data.max_length)
+    lengths = enc.lengths
+    out = {}
+    for grouped in (True, False):
+        batches = D.train_batches(lengths, cfg.train.batch_size, cfg.train.seed, grouped)
+        padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+        out["length_grouped" if grouped else "random"] = padded / int(lengths.sum()) - 1
+    return out
+
+
 def child(args) -> None:
     fn = {"pipeline": run_pipeline, "trainer": run_trainer,
           "pipeline-stock-dropout": lambda *a: run_pipeline(*a, stock_dropout=True)}[args.one]
@@ -249,11 +270,17 @@ def main() -> None:
                         "train.seed=7 (repeat)")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--levers", action="store_true", help="seconds per step with and without each speed lever")
+    parser.add_argument("--padding", action="store_true", help="padding share of length-grouped and random batches")
     args = parser.parse_args()
     if args.one:
         return child(args)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.padding:
+        share = padding_share(args.data)
+        print("padding tokens per real token, fold-0 training batches: "
+              + ", ".join(f"{k} {v:.2%}" for k, v in share.items()))
+        return
     if args.levers:
         rows = run_levers(args.data)
         (args.out / "levers.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))

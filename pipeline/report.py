@@ -211,23 +211,35 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
-    """Plain sentences from the table: which differences stand out from the fold-to-fold noise."""
+    """Plain sentences from the table: which differences stand out from the fold-to-fold and seed-to-seed noise.
+
+    A difference is called clear when the paired t-test gives p < 0.05, the folds agree on its direction
+    (Wilcoxon p < 0.05, or every pair moved the same way where too few pairs let Wilcoxon get there) and it is
+    larger than the baseline's seed-to-seed spread of the CV, when the baseline ran with several seeds.
+    """
     lower = LOWER_IS_BETTER[metric]
     base = table[table["experiment"] == baseline].iloc[0]
     spread = base["cv_seed_std"] if not np.isnan(base["cv_seed_std"]) else None
     lines = []
+    if spread is not None:
+        lines.append(f"- The baseline's CV moves by {_fmt(spread)} (std) between its {int(base['seeds'])} seeds"
+                     + (" — a rough estimate from two" if int(base["seeds"]) == 2 else "")
+                     + "; a technique's Δ smaller than that is within what a new seed alone can do.")
     pairs = int(table["pairs"].min()) if len(table) else 0
     if 0 < pairs < 6:  # the exact two-sided test's smallest p-value is 2 / 2**n
         lines.append(f"- With {pairs} paired folds the smallest possible two-sided Wilcoxon p is "
-                     f"{2 / 2 ** pairs:.3f}: no difference can reach p < 0.05 this way; the paired t-test and "
-                     "more seeds (`SEEDS=\"42 43 44\"`) can.")
+                     f"{2 / 2 ** pairs:.3f}: no difference can reach p < 0.05 this way, so a difference counts as "
+                     "clear when the paired t-test gives p < 0.05 and every fold moved the same way; more seeds "
+                     "(`SEEDS=\"42 43 44\"`) give Wilcoxon enough pairs.")
     for _, row in table[table["experiment"] != baseline].iterrows():
         better = row["delta"] < 0 if lower else row["delta"] > 0
         verdict = "better" if better else "worse"
-        significant = not np.isnan(row["wilcoxon_p"]) and row["wilcoxon_p"] < 0.05
+        same_way = row["pairs"] >= 2 and row["wins"] == (row["pairs"] if better else 0)
+        consistent = (not np.isnan(row["wilcoxon_p"]) and row["wilcoxon_p"] < 0.05) or same_way
+        significant = not np.isnan(row["ttest_p"]) and row["ttest_p"] < 0.05 and consistent
         beyond = spread is not None and abs(row["delta"]) > spread
-        evidence = (f"beat the baseline on {row['wins']}/{row['pairs']} paired folds, "
-                    f"Wilcoxon p={_fmt(row['wilcoxon_p'], 3)}"
+        evidence = (f"beat the baseline on {row['wins']}/{row['pairs']} paired folds, paired t p="
+                    f"{_fmt(row['ttest_p'], 3)}, Wilcoxon p={_fmt(row['wilcoxon_p'], 3)}"
                     + (f"; |Δ| is {'above' if beyond else 'within'} the baseline's seed-to-seed spread "
                        f"({_fmt(spread)})" if spread is not None else "; one seed, so seed-to-seed spread is unknown"))
         strength = "a clear" if significant and (beyond or spread is None) else "no reliable"
@@ -253,6 +265,15 @@ def interactions(experiments: dict[str, Experiment]) -> list[str]:
     return notes
 
 
+def describe_seeds(experiments: dict[str, Experiment], baseline: str) -> str:
+    """`42` when every experiment ran the same seeds, else the common ones and the exceptions by name."""
+    by_name = {n: sorted(r.seed for r in e.runs) for n, e in experiments.items() if e.runs}
+    common = by_name[baseline] if len({tuple(v) for v in by_name.values()}) == 1 else \
+        sorted(set.intersection(*(set(v) for v in by_name.values())))
+    others = [f"{n}: {', '.join(map(str, v))}" for n, v in by_name.items() if v != common]
+    return ", ".join(map(str, common)) + (f" ({'; '.join(others)})" if others else "")
+
+
 def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path("oof"),
           command: str = "pipeline report") -> Path:
     names = find_runs([*patterns, baseline], output_dir)  # the baseline is in the report even if not listed
@@ -266,12 +287,12 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
 
     precisions = sorted({read_json(output_dir / r.name / "fold0" / "metrics.json")["precision"]
                          for e in experiments.values() for r in e.runs})
-    seeds = sorted({r.seed for e in experiments.values() for r in e.runs})
+    seeds = describe_seeds(experiments, baseline)
     lines = [f"# Technique report: {first.data.name}", "",
              f"- command: `{command}`",
              f"- dataset: {first.data.train_path} ({first.data.task}, target {', '.join(first.data.target_columns)}, "
              f"metric {metric}, {'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)",
-             f"- model: {first.model.backbone}; folds: {first.data.n_folds}; seeds: {', '.join(map(str, seeds))}; "
+             f"- model: {first.model.backbone}; folds: {first.data.n_folds}; seeds: {seeds}; "
              f"precision: {', '.join(precisions)}",
              f"- training (baseline): {first.train.epochs:g} epoch(s), batch {first.train.batch_size}, lr "
              f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "
@@ -290,8 +311,9 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
                      f"{_fmt(r['wilcoxon_p'], 3)} | {_fmt(r['ttest_p'], 3)} | {r['failed']} | "
                      f"{r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     incomplete = [m for e in experiments.values() for m in e.incomplete]
-    lines += ["", "Failed runs: folds no better than predicting the training mean. Wins: paired (seed, fold) "
-              "comparisons with the baseline that the experiment won.", "",
+    lines += ["", "Δ: the experiment's CV minus the baseline's (each averaged over its seeds). Wins and both p-values: "
+              "paired (seed, fold) comparisons with the baseline, over the pairs both have. Failed runs: folds no "
+              "better than predicting the training mean.", "",
               f"![scores]({figures[0]})", "", f"![validation curves]({figures[1]})", "", "## Reading", ""]
     lines += reading(table, baseline, metric) or ["- Only the baseline is in this report."]
     notes = interactions(experiments)

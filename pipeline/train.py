@@ -7,6 +7,8 @@ metrics.json, written last: a fold is complete when metrics.json exists.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import random
 import time
@@ -261,7 +263,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                     if precision != "fp16":
                         raise PipelineError(
                             f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
-                            f"(lr {scheduler.get_last_lr()[0]:.2e}); lower train.lr or check the targets")
+                            f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
                     skipped += 1  # the GradScaler skips this step and lowers its scale
                 scaler.scale(loss / group).backward()
                 running_loss += loss.item()
@@ -281,6 +283,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 if (step % eval_every or step < first_eval) and step < total_steps:
                     continue
 
+                eval_started = time.time()
                 preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id)
                 value = score(cfg.metric, y_valid, preds)
                 if not np.isfinite(preds).all():
@@ -290,8 +293,9 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                     if t.save_checkpoint:
                         save_torch_atomic(out / "model.pt", model.state_dict())
                 log.append({"step": step, "epoch": round(micro / batches_per_epoch, 3),
-                            "lr": scheduler.get_last_lr()[0], "train_loss": running_loss / max(running_n, 1),
-                            cfg.metric: value, "elapsed_s": round(time.time() - started, 2)})
+                            "lr": max(scheduler.get_last_lr()), "train_loss": running_loss / max(running_n, 1),
+                            cfg.metric: value, "eval_s": round(time.time() - eval_started, 2),
+                            "elapsed_s": round(time.time() - started, 2)})
                 running_loss, running_n = 0.0, 0
                 write_csv_atomic(out / "log.csv", pd.DataFrame(log))
                 status = f"loss {log[-1]['train_loss']:.4f}  {cfg.metric} {value:.4f} (best {best:.4f})"
@@ -319,10 +323,19 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a fold's peak-memory count afresh: a grid trains many folds in one process."""
+    """Start a fold's peak-memory count afresh: a grid trains many folds in one process.
+
+    On CPU the count is the process's resident memory, so memory that earlier folds freed but the C
+    allocator kept is handed back to the system first (glibc's malloc_trim) and not charged to this fold.
+    """
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the count includes what the allocator kept
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident high-water mark
     except OSError:

@@ -164,6 +164,37 @@ def test_reading_warns_when_too_few_pairs_for_wilcoxon(regression):
     assert "With 3 paired folds the smallest possible two-sided Wilcoxon p is 0.250" in reading
 
 
+def test_reading_measures_differences_against_the_baseline_seed_spread(regression):
+    """The baseline ran seeds 42 and 1: the reading states the std of its two CVs and compares each Δ to it."""
+    text = regression["out"].read_text()
+    base_cvs = [r["cv"] for r in grouped(regression["recomputed"], "base").values()]
+    spread = float(np.std(base_cvs, ddof=1))
+    reading = text.split("## Reading", 1)[1]
+    assert f"The baseline's CV moves by {spread:.4f} (std) between its 2 seeds — a rough estimate from two" in reading
+    assert f"seed-to-seed spread ({spread:.4f})" in reading
+    assert "seeds: 42 (base: 1, 42; better: 1, 42)" in text  # the header names who ran extra seeds
+
+
+def reading_row(name: str, delta: float, wins: int, ttest_p: float, pairs: int = 5) -> dict:
+    return {"experiment": name, "seeds": 1, "cv_seed_std": float("nan"), "delta": delta, "wins": wins,
+            "pairs": pairs, "wilcoxon_p": 0.0625, "ttest_p": ttest_p}
+
+
+@pytest.mark.parametrize(("delta", "wins", "ttest_p", "base_spread", "verdict"), [
+    (-0.02, 5, 0.01, 0.005, "better by 0.0200 — a clear difference"),
+    (-0.02, 5, 0.01, float("nan"), "better by 0.0200 — a clear difference"),  # one baseline seed: spread unknown
+    (-0.02, 4, 0.01, 0.005, "no reliable"),  # one fold went the other way: Wilcoxon cannot confirm it
+    (-0.02, 5, 0.20, 0.005, "no reliable"),  # the t-test does not
+    (-0.02, 5, 0.01, 0.030, "no reliable"),  # smaller than what a new seed of the baseline does
+    (+0.02, 0, 0.01, 0.005, "worse by 0.0200 — a clear difference"),
+])
+def test_reading_calls_a_difference_clear_only_when_every_test_agrees(delta, wins, ttest_p, base_spread, verdict):
+    base = reading_row("base", 0.0, 0, float("nan")) | {"seeds": 2, "cv_seed_std": base_spread}
+    table = pd.DataFrame([base, reading_row("tech", delta, wins, ttest_p)])
+    line = [x for x in R.reading(table, "base", "rmse") if "**tech**" in x][0]
+    assert verdict in line
+
+
 def test_numbers_match_recomputation(regression):
     table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
     rows = table_rows(regression["out"].read_text())

@@ -305,7 +305,9 @@ def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny
     start = cfg.train.eval_start * total
     expected_steps = sorted({*(s for s in range(every, total + 1, every) if s >= start), total})
     assert log["step"].tolist() == expected_steps
-    assert {"step", "epoch", "lr", "train_loss", metric, "elapsed_s"} <= set(log.columns)
+    assert {"step", "epoch", "lr", "train_loss", metric, "eval_s", "elapsed_s"} <= set(log.columns)
+    between = log["elapsed_s"].diff().fillna(log["elapsed_s"])  # an evaluation is part of the time since the last
+    assert (log["eval_s"] >= 0).all() and (log["eval_s"] <= between + 0.01).all()
     assert log[metric].nunique() > 1  # the model changed between evaluations
     best_row = log[metric].idxmin() if metric == "rmse" else log[metric].idxmax()
     assert metrics["score"] == pytest.approx(log[metric][best_row], rel=1e-12)
@@ -322,3 +324,18 @@ def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny
         rescored = score(metric, truth["label"].to_numpy(), valid[["neg", "pos"]].to_numpy())
     assert rescored == pytest.approx(metrics["score"], rel=1e-5)
     assert not (out / "state.pt").exists()  # the resume state goes once the fold is complete
+
+
+def test_peak_memory_is_counted_per_fold():
+    """A grid trains many folds in one process: a fold is not charged with an earlier fold's peak."""
+    cpu = torch.device("cpu")
+    big = torch.ones(128 * 2**20)  # 512 MiB, written to, so resident
+    earlier_peak = T.peak_memory_mb(cpu)
+    del big
+    T.reset_peak_memory(cpu)
+    if T.peak_memory_mb(cpu) >= earlier_peak:
+        pytest.skip("this system cannot reset the resident high-water mark (/proc/self/clear_refs)")
+    fresh = T.peak_memory_mb(cpu)
+    assert fresh < earlier_peak - 400
+    again = torch.ones(64 * 2**20)  # 256 MiB in the new fold: its own peak still counts
+    assert T.peak_memory_mb(cpu) > fresh + 200 and float(again[0]) == 1.0
