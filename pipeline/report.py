@@ -250,18 +250,27 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
 
 def interactions(experiments: dict[str, Experiment]) -> list[str]:
     """Notes on techniques that cancel each other, read from each run's config."""
-    notes = []
+    notes, need, remove = [], [], []
     for name, exp in experiments.items():
         if not exp.runs:
             continue
         m, t = exp.runs[0].config.model, exp.runs[0].config.train
         no_dropout = m.dropout == 0.0 or (m.mixout > 0 and m.dropout is None)
+        if t.rdrop > 0 or m.head == "msd":
+            need.append(name)
+        if no_dropout:
+            remove.append(name)
         if (t.rdrop > 0 or m.head == "msd") and no_dropout:
             notes.append(f"- {name}: R-Drop / Multi-Sample Dropout with the backbone's dropout at 0 — their extra "
                          "terms only see head dropout (or none), so they cannot help here.")
         if m.mixout > 0:
             notes.append(f"- {name}: mixout turns the backbone's dropout off (the paper's recipe), so compare it "
                          "with dropout=0 as well as with the baseline.")
+    if need and remove:
+        notes.append(f"- {', '.join(need)} need dropout and {', '.join(remove)} turn the backbone's off: they do not "
+                     "stack. With every dropout at 0, R-Drop's consistency term and MSD's extra samples are "
+                     "identically zero (training warns), so a combination pays their cost for nothing; choose "
+                     "one side from the rows above.")
     return notes
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -336,3 +337,34 @@ def test_higher_is_better_metric(tmp_path):
     assert experiments["flipped"].runs[0].mean_scores == {0: 0.5, 1: 0.5, 2: 0.5}  # constant probabilities
     reading = "\n".join(R.reading(table.reset_index(), "base", "auc"))
     assert re.search(r"\*\*good\*\*: better by", reading)
+
+
+def test_interactions_name_the_techniques_that_need_dropout_and_those_that_remove_it(tmp_path):
+    cfg = tiny_config(tmp_path, Path("unused-backbone"))
+
+    def experiment(name: str, model: dict | None = None, train: dict | None = None) -> R.Experiment:
+        run_cfg = copy.deepcopy(cfg)
+        for section, values in ((run_cfg.model, model or {}), (run_cfg.train, train or {})):
+            for key, value in values.items():
+                setattr(section, key, value)
+        return R.Experiment(name, runs=[SimpleNamespace(config=run_cfg)])
+
+    exps = {e.name: e for e in [experiment("base"), experiment("rdrop", train={"rdrop": 1.0}),
+                                experiment("msd", model={"head": "msd"}), experiment("no_dropout", {"dropout": 0.0}),
+                                experiment("mixout", {"mixout": 0.3}),
+                                experiment("rdrop_no_dropout", {"dropout": 0.0}, {"rdrop": 1.0})]}
+    notes = "\n".join(R.interactions(exps))
+    assert "rdrop, msd, rdrop_no_dropout need dropout and no_dropout, mixout, rdrop_no_dropout turn" in notes
+    assert "- rdrop_no_dropout: R-Drop / Multi-Sample Dropout with the backbone's dropout at 0" in notes
+    assert "- mixout: mixout turns the backbone's dropout off" in notes
+    assert R.interactions({"base": exps["base"], "rdrop": exps["rdrop"]}) == []  # nothing to warn about
+
+
+@pytest.mark.parametrize(("seeds", "expected"), [
+    ({"base": [42], "a": [42]}, "42"),
+    ({"base": [1, 42], "a": [1, 42]}, "1, 42"),
+    ({"base": [42, 43], "a": [42], "b": [42]}, "42 (base: 42, 43)"),
+])
+def test_header_says_which_experiments_ran_which_seeds(seeds, expected):
+    exps = {name: R.Experiment(name, runs=[SimpleNamespace(seed=s) for s in v]) for name, v in seeds.items()}
+    assert R.describe_seeds(exps, "base") == expected
