@@ -127,6 +127,9 @@ def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment n
         table.add_row(e, f"{result['weights'][e]:.3f}", f"{v:.5f}")
     table.add_row("[bold]blend", "1.000", f"[bold]{result['cv']:.5f}")
     console.print(table)
+    if result.get("without_test_predictions"):
+        console.print(f"no test predictions for the blend: run `pipeline predict` for "
+                      f"{', '.join(result['without_test_predictions'])}, then blend again")
 
 
 @app.command()

@@ -281,14 +281,20 @@ def _read_chain(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (after the one its `base:` names), then `section.key=value` overrides.
 
-    The experiment name is the YAML file's stem.
+    The experiment name is the YAML file's stem, unless the file itself sets `experiment` (a base file may not:
+    its name would pass to every file built on it).
     """
     cfg = Config()
     if path is not None:
         path = Path(path)
-        for file, values in _read_chain(path, []):
-            _apply(cfg, values, str(file))
+        chain = _read_chain(path, [])
+        for file, values in chain[:-1]:
+            if "experiment" in values:
+                raise PipelineError(f"{file}: 'experiment' in a base file would name every experiment built on it "
+                                    f"(here {path}); set it in {path.name} or leave the file name to name it")
         cfg.experiment = path.stem
+        for file, values in chain:
+            _apply(cfg, values, str(file))
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"override '{text}'")
     validate(cfg)

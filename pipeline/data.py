@@ -17,16 +17,17 @@ import torch
 
 from pipeline.config import Config, DataConfig
 from pipeline.errors import PipelineError
+from pipeline.io import read_csv
 
 
-def read_table(path: Path | None, role: str, required: list[str]) -> pd.DataFrame:
-    """Read a CSV, failing with the path and the columns found when one is missing."""
+def read_table(path: Path | None, role: str, required: list[str], id_column: str | None = None) -> pd.DataFrame:
+    """Read a CSV (ids as text), failing with the path and the columns found when one is missing."""
     if path is None:
         raise PipelineError(f"no {role} file is configured (data.{role}_file)")
     if not Path(path).is_file():
         raise PipelineError(f"{role} file not found: {path}")
     try:
-        df = pd.read_csv(path)
+        df = read_csv(path, id_column)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path}: cannot be read as CSV ({err})") from None
     missing = [c for c in required if c not in df.columns]
@@ -64,7 +65,7 @@ def load_train(cfg: Config) -> pd.DataFrame:
     """The training table with its targets checked; classification labels become class indices in `label`."""
     data = cfg.data
     path = data.train_path
-    df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns])
+    df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns], data.id_column)
     _check_ids_and_texts(df, data, path)
     if data.task == "regression":
         for col in data.target_columns:
@@ -95,7 +96,7 @@ def load_train(cfg: Config) -> pd.DataFrame:
 def load_test(cfg: Config, path: Path | None = None) -> pd.DataFrame:
     data = cfg.data
     path = path or data.test_path
-    df = read_table(path, "test", [data.id_column, *data.text_columns])
+    df = read_table(path, "test", [data.id_column, *data.text_columns], data.id_column)
     _check_ids_and_texts(df, data, path)
     return df.reset_index(drop=True)
 

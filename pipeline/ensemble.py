@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize
 
 from pipeline import data as D
@@ -42,6 +43,9 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
         raise PipelineError("ensemble: name at least one experiment")
     if name in experiments:
         raise PipelineError(f"ensemble: the name '{name}' would overwrite a member; choose another --name")
+    out = Path(output_dir) / name
+    if (out / "config.yaml").exists() and not (out / "ensemble.json").exists():
+        raise PipelineError(f"ensemble: {out} holds a trained experiment, not a blend; choose another --name")
     dirs = [Path(output_dir) / e for e in experiments]
     cfgs = [load_run_config(d) for d in dirs]
     first = cfgs[0]
@@ -52,7 +56,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
                                 f"({c.data.train_path} {c.data.target_columns} vs {first.data.train_path} "
                                 f"{first.data.target_columns})")
     id_col = first.data.id_column
-    oofs = [read_predictions(d, "oof.csv", f"pipeline oof {d.name}") for d in dirs]
+    oofs = [read_predictions(d, "oof.csv", f"pipeline oof {d.name}", id_col) for d in dirs]
     columns = [c for c in oofs[0].columns if c not in (id_col, "fold")]
     for e, oof in zip(experiments, oofs):
         if [c for c in oof.columns if c not in (id_col, "fold")] != columns:
@@ -69,24 +73,35 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
     members = {e: score(first.metric, y, p) for e, p in zip(experiments, preds)}
     result = {"metric": first.metric, "members": members, "weights": dict(zip(experiments, weights.tolist())),
               "cv": score(first.metric, y, blend)}
-
-    out = Path(output_dir) / name
     oof = oofs[0][[id_col, "fold"]].copy()
     oof[columns] = blend
+    test = blend_test(dirs, experiments, weights, id_col, columns)  # checked before anything is written
+
     write_csv_atomic(out / "oof.csv", oof)
-    tests = [d / "test_predictions.csv" for d in dirs]
-    if all(p.exists() for p in tests):
-        frames = [read_predictions(d, "test_predictions.csv", "") for d in dirs]
-        for e, f in zip(experiments, frames):
-            if not f[id_col].equals(frames[0][id_col]):
-                raise PipelineError(f"ensemble: test predictions of '{e}' have other ids than '{experiments[0]}'")
-        test = frames[0][[id_col]].copy()
-        test[columns] = np.tensordot(weights, np.stack([f[columns].to_numpy(float) for f in frames]), axes=1)
+    if test is not None:
         write_csv_atomic(out / "test_predictions.csv", test)
         result["test_predictions"] = str(out / "test_predictions.csv")
+    else:  # a test file of an earlier blend under this name would be submitted with the wrong members
+        (out / "test_predictions.csv").unlink(missing_ok=True)
+        result["without_test_predictions"] = [e for e, d in zip(experiments, dirs)
+                                              if not (d / "test_predictions.csv").exists()]
     blended = first
     blended.experiment, blended.output_dir = name, output_dir
     save_config(blended, out / "config.yaml")
     write_json_atomic(out / "ensemble.json", result)
     write_json_atomic(out / "cv.json", {"experiment": name, "metric": first.metric, "cv": result["cv"]})
     return result
+
+
+def blend_test(dirs: list[Path], experiments: list[str], weights: np.ndarray, id_col: str,
+               columns: list[str]) -> pd.DataFrame | None:
+    """The members' test predictions with the blend's weights; None unless every member has them."""
+    if not all((d / "test_predictions.csv").exists() for d in dirs):
+        return None
+    frames = [read_predictions(d, "test_predictions.csv", "", id_col) for d in dirs]
+    for e, f in zip(experiments, frames):
+        if not f[id_col].equals(frames[0][id_col]):
+            raise PipelineError(f"ensemble: test predictions of '{e}' have other ids than '{experiments[0]}'")
+    test = frames[0][[id_col]].copy()
+    test[columns] = np.tensordot(weights, np.stack([f[columns].to_numpy(float) for f in frames]), axes=1)
+    return test

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from pipeline.config import Config
 from pipeline.data import load_train
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv_atomic
+from pipeline.io import read_csv, write_csv_atomic
 
 
 def folds_path(cfg: Config) -> Path:
@@ -85,8 +85,8 @@ def make_folds(cfg: Config, force: bool = False) -> Path:
 def load_folds(cfg: Config, df: pd.DataFrame) -> np.ndarray:
     """Fold of every training row, joined by id; checks the file belongs to this dataset."""
     path = make_folds(cfg)
-    folds = pd.read_csv(path)
     id_col = cfg.data.id_column
+    folds = read_csv(path, id_col)
     if id_col not in folds.columns or "fold" not in folds.columns:
         raise PipelineError(f"{path}: expected columns '{id_col}' and 'fold'")
     try:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from pipeline import oof, train
 from pipeline.config import Config, load_config
+from pipeline.runs import check_same_config
 
 console = Console()
 
@@ -29,6 +30,7 @@ def run(configs: list[Path], seeds: list[int] | None, overrides: list[str]) -> l
     for path in configs:
         for seed in seeds or [None]:
             cfg = seed_config(path, seed, overrides)
+            check_same_config(cfg, cfg.run_dir)  # an edited YAML must not be reported with its old results
             if (cfg.run_dir / "cv.json").exists() and not oof.missing_folds(cfg):
                 console.print(f"{cfg.experiment}: complete, skipped")
             else:

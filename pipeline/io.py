@@ -1,4 +1,5 @@
-"""Writes that are whole or absent: a killed run never leaves a truncated file a later stage would trust."""
+"""Writes that are whole or absent (a killed run never leaves a truncated file a later stage would trust), and
+CSV reads that keep ids as written."""
 
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
     tmp = _tmp(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_csv(path: Path, id_column: str | None = None) -> pd.DataFrame:
+    """A CSV whose id column stays text as written: `0007` is not the number 7, `NA` is not missing."""
+    if id_column is None:
+        return pd.read_csv(path)
+    df = pd.read_csv(path, dtype={id_column: str})
+    if id_column in df.columns and df[id_column].isna().any():
+        raw = pd.read_csv(path, usecols=[id_column], dtype=str, keep_default_na=False)[id_column]
+        df[id_column] = raw.where(raw != "", None)  # only a truly empty cell is a missing id
+    return df
 
 
 def read_json(path: Path) -> Any:

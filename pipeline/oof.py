@@ -9,7 +9,7 @@ from pipeline import data as D
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
-from pipeline.io import read_json, write_csv_atomic, write_json_atomic
+from pipeline.io import read_csv, read_json, write_csv_atomic, write_json_atomic
 from pipeline.metrics import score
 
 
@@ -28,7 +28,7 @@ def run(cfg: Config) -> dict:
     id_col = cfg.data.id_column
     parts = []
     for k in range(cfg.data.n_folds):
-        part = pd.read_csv(cfg.run_dir / f"fold{k}" / "valid_predictions.csv")
+        part = read_csv(cfg.run_dir / f"fold{k}" / "valid_predictions.csv", id_col)
         part.insert(1, "fold", k)
         parts.append(part)
     preds = pd.concat(parts, ignore_index=True)

@@ -17,12 +17,34 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io import write_csv_atomic
 from pipeline.model import load_tokenizer, model_from_saved
+from pipeline.oof import missing_folds
+from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config
 from pipeline.train import predict as predict_rows
 from pipeline.train import resolve_device, resolve_precision
+
+# What the checkpoints compute depends on these; predicting with other values would silently change the answers.
+SHAPING_KEYS = ("data.text_columns", "data.max_length", "data.task", "data.target_columns", "data.classes")
+
+
+def check_trained_like(cfg: Config) -> None:
+    """Refuse settings that differ from those the checkpoints were trained with (device and precision may)."""
+    if not (cfg.run_dir / "config.yaml").exists():
+        return  # nothing trained yet: the missing folds are named next
+    saved = load_run_config(cfg.run_dir).to_dict()
+    changed = [(k, old, new) for k, old, new in differing_keys(saved, cfg.to_dict(), WHERE_KEYS)
+               if k.startswith("model.") or k in SHAPING_KEYS]
+    if changed:
+        listed = "; ".join(f"{k}: trained with {old!r}, asked for {new!r}" for k, old, new in changed)
+        raise PipelineError(f"{cfg.run_dir}: predict with the settings the folds were trained with ({listed})")
 
 
 def run(cfg: Config, test_path: Path | None = None) -> Path:
     """Write oof/<experiment>/test_predictions.csv (id + one column per target or class)."""
+    check_trained_like(cfg)
+    unfinished = missing_folds(cfg)
+    if unfinished:
+        raise PipelineError(f"{cfg.run_dir}: fold(s) {', '.join(map(str, unfinished))} have not finished "
+                            f"(no metrics.json); train them first (pipeline train --resume)")
     checkpoints = [cfg.run_dir / f"fold{k}" / "model.pt" for k in range(cfg.data.n_folds)]
     missing = [k for k, p in enumerate(checkpoints) if not p.exists()]
     if missing:

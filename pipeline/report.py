@@ -19,9 +19,9 @@ from scipy import stats
 
 from pipeline import data as D
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_text_atomic
+from pipeline.io import read_csv, read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, is_better, score
-from pipeline.runs import differing_keys, load_run_config
+from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
 
@@ -71,9 +71,9 @@ def load_run(run_dir: Path) -> Run | str:
         return f"{run_dir.name}: fold(s) {', '.join(map(str, missing))} not finished"
     if not (run_dir / "oof.csv").exists():
         return f"{run_dir.name}: no oof.csv (run `pipeline oof`)"
-    oof = pd.read_csv(run_dir / "oof.csv")
-    train = D.load_train(cfg)
     id_col = cfg.data.id_column
+    oof = read_csv(run_dir / "oof.csv", id_col)
+    train = D.load_train(cfg)
     oof[id_col] = oof[id_col].astype(train[id_col].dtype)
     train = train.set_index(id_col).loc[oof[id_col]].reset_index()  # truth joined by id
     y = D.target_array(cfg, train)
@@ -104,9 +104,23 @@ def collect(names: list[str], output_dir: Path) -> dict[str, Experiment]:
         run = load_run(output_dir / name)
         if isinstance(run, str):
             exp.incomplete.append(run)
-        else:
-            exp.runs.append(run)
+            continue
+        if exp.runs:
+            check_same_experiment(exp.runs[0], run)
+        exp.runs.append(run)
     return experiments
+
+
+def check_same_experiment(first: Run, other: Run) -> None:
+    """Seed runs grouped under one row must differ in their seed only."""
+    if other.seed == first.seed:
+        raise PipelineError(f"report: runs '{first.name}' and '{other.name}' are one experiment with the same seed "
+                            f"{other.seed}; one row would count its folds twice")
+    diff = differing_keys(other.config.to_dict(), first.config.to_dict(), NOT_A_CHANGE | WHERE_KEYS)
+    if diff:
+        listed = "; ".join(f"{k}: {b!r} vs {a!r}" for k, a, b in diff)
+        raise PipelineError(f"report: '{other.name}' is grouped with '{first.name}' as another seed of one "
+                            f"experiment, but its settings differ ({listed}); rename one of them")
 
 
 def compare(exp: Experiment, base: Experiment, metric: str) -> dict:
@@ -121,6 +135,15 @@ def compare(exp: Experiment, base: Experiment, metric: str) -> dict:
         out["wilcoxon_p"] = float(stats.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue)
         out["ttest_p"] = float(stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys]).pvalue)
     return out
+
+
+def delta(exp: Experiment, base: Experiment) -> float:
+    """CV minus the baseline's, over the seeds both ran (so Δ and the paired tests see the same runs)."""
+    mine, theirs = {r.seed: r.cv for r in exp.runs}, {r.seed: r.cv for r in base.runs}
+    shared = sorted(set(mine) & set(theirs))
+    if shared:
+        return float(np.mean([mine[s] - theirs[s] for s in shared]))
+    return float(np.mean(list(mine.values())) - np.mean(list(theirs.values())))
 
 
 def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
@@ -148,7 +171,7 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
         row = {"experiment": name, "seeds": len(exp.runs), "cv": cv,
                "fold_mean": float(scores.mean()), "fold_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
                "cv_seed_std": float(np.std([r.cv for r in exp.runs], ddof=1)) if len(exp.runs) > 1 else float("nan"),
-               "delta": cv - float(np.mean([r.cv for r in base.runs])), "failed": failed,
+               "delta": delta(exp, base), "failed": failed,
                "fold_seconds": float(np.mean([s for r in exp.runs for s in r.train_seconds])),
                "peak_memory_mb": float(np.max([m for r in exp.runs for m in r.peak_memory_mb]))}
         row["changes"] = changes(exp, base)
@@ -231,11 +254,15 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
                      f"{2 / 2 ** pairs:.3f}: no difference can reach p < 0.05 this way, so a difference counts as "
                      "clear when the paired t-test gives p < 0.05 and every fold moved the same way; more seeds "
                      "(`SEEDS=\"42 43 44\"`) give Wilcoxon enough pairs.")
+    lines.append("- Folds share most of their training rows, so the paired tests treat them as more independent "
+                 "than they are (Nadeau & Bengio, 2003): read the p-values as a ranking of evidence, not as exact "
+                 "error rates.")
     for _, row in table[table["experiment"] != baseline].iterrows():
         better = row["delta"] < 0 if lower else row["delta"] > 0
         verdict = "better" if better else "worse"
         same_way = row["pairs"] >= 2 and row["wins"] == (row["pairs"] if better else 0)
-        consistent = (not np.isnan(row["wilcoxon_p"]) and row["wilcoxon_p"] < 0.05) or same_way
+        majority = row["wins"] > row["pairs"] / 2 if better else row["wins"] < row["pairs"] / 2
+        consistent = (not np.isnan(row["wilcoxon_p"]) and row["wilcoxon_p"] < 0.05 and majority) or same_way
         significant = not np.isnan(row["ttest_p"]) and row["ttest_p"] < 0.05 and consistent
         beyond = spread is not None and abs(row["delta"]) > spread
         evidence = (f"beat the baseline on {row['wins']}/{row['pairs']} paired folds, paired t p="

@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import PipelineError
+from pipeline.io import read_csv
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -56,8 +57,8 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
                             f"Use another experiment name, or delete {run_dir} to start it over.")
 
 
-def read_predictions(run_dir: Path, name: str, hint: str) -> pd.DataFrame:
+def read_predictions(run_dir: Path, name: str, hint: str, id_column: str) -> pd.DataFrame:
     path = Path(run_dir) / name
     if not path.exists():
         raise PipelineError(f"{path} not found; run `{hint}` first")
-    return pd.read_csv(path)
+    return read_csv(path, id_column)

@@ -53,9 +53,10 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
 def run(experiment: str, out: Path, output_dir: str = "oof") -> Path:
     run_dir = Path(output_dir) / experiment
     cfg = load_run_config(run_dir)
-    preds = read_predictions(run_dir, "test_predictions.csv", f"pipeline predict for {experiment}")
+    preds = read_predictions(run_dir, "test_predictions.csv", f"pipeline predict for {experiment}",
+                             cfg.data.id_column)
     sample_path = cfg.data.sample_submission_path
-    sample = D.read_table(sample_path, "sample_submission", [cfg.data.id_column])
+    sample = D.read_table(sample_path, "sample_submission", [cfg.data.id_column], cfg.data.id_column)
     classes = None if cfg.data.task == "regression" else [c for c in preds.columns if c != cfg.data.id_column]
     submission = build(preds, sample, cfg.data.id_column, cfg.data.task, classes, sample_path)
     write_csv_atomic(Path(out), submission)

@@ -196,6 +196,9 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     if resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # this fold finished before the interruption
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
+        for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
+            (out / stale).unlink(missing_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -226,21 +229,35 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
 
     step, micro, best, best_step, log, skipped = 0, 0, None, -1, [], 0
     best_preds: np.ndarray | None = None
+    elapsed, running_loss, running_n = 0.0, 0.0, 0
     state_path = out / "state.pt"
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, micro, best, best_step = state["step"], state["micro"], state["best"], state["best_step"]
         log, skipped, best_preds = state["log"], state["skipped"], state["best_preds"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"], device)
+        # (states saved before these keys existed resume from the last evaluation's time and a fresh loss average)
+        elapsed = state.get("elapsed_s", log[-1]["elapsed_s"] if log else 0.0)
+        running_loss, running_n = state.get("running_loss", 0.0), state.get("running_n", 0)
 
-    started = time.time() - (log[-1]["elapsed_s"] if log else 0.0)
-    running_loss, running_n = 0.0, 0
+    started = time.time() - elapsed
+    saved_at = [step]
+
+    def save_state() -> None:
+        """Everything `--resume` needs to continue exactly from this optimizer step."""
+        if t.save_checkpoint and saved_at[0] < step < total_steps:
+            save_torch_atomic(state_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
+                "skipped": skipped, "best_preds": best_preds, "rng": rng_state(device),
+                "elapsed_s": time.time() - started, "running_loss": running_loss, "running_n": running_n})
+            saved_at[0] = step
+
     bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    disable=not progress, transient=False)
@@ -285,9 +302,9 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
 
                 eval_started = time.time()
                 preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id)
-                value = score(cfg.metric, y_valid, preds)
                 if not np.isfinite(preds).all():
                     raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {step}")
+                value = score(cfg.metric, y_valid, preds)
                 if is_better(cfg.metric, value, best):
                     best, best_step, best_preds = value, step, preds
                     if t.save_checkpoint:
@@ -302,15 +319,10 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 bar.update(task_id, status=status)
                 if progress and not bar.console.is_terminal:  # logs get a line per evaluation
                     bar.console.print(f"{cfg.experiment} fold {fold} step {step}/{total_steps}: {status}")
-                if t.save_checkpoint and step < total_steps:
-                    save_torch_atomic(state_path, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
-                        "skipped": skipped, "best_preds": best_preds,
-                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                "python": random.getstate()}})
+                save_state()
             epoch += 1
+            if micro % t.grad_accum == 0:
+                save_state()  # at each epoch's end too: evaluations may begin late in the schedule
 
     write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, best_preds))
     metrics = {"fold": fold, "metric": cfg.metric, "score": best, "best_step": best_step, "steps": total_steps,
@@ -320,6 +332,21 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     write_json_atomic(out / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)
     return metrics
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":  # dropout and mixout masks on a GPU come from its own generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -73,3 +73,28 @@ def test_whole_chain(tmp_path, tiny_backbone, case):
     assert sub.drop(columns="id").notna().all().all()
     if case == "binary":
         assert sub["label"].between(0, 1).all()
+
+
+def test_ids_that_look_like_numbers_or_missing_values_stay_as_written(tmp_path, tiny_backbone):
+    """`0007` is not the number 7 and `NA` is not a missing id: both reach the submission as written."""
+    cfg = tiny_config(tmp_path, tiny_backbone)
+    cfg.experiment = "ids"
+    data = tmp_path / "data"
+    renamed = {}
+    for name in ("train.csv", "test.csv", "sample_submission.csv"):
+        df = pd.read_csv(data / name)
+        df["id"] = df["id"].map(lambda x: renamed.setdefault(x, f"{len(renamed):04d}"))
+        df.to_csv(data / name, index=False)
+    train = pd.read_csv(data / "train.csv", dtype={"id": str})
+    train.loc[5, "id"] = "NA"
+    train.to_csv(data / "train.csv", index=False)
+    config = write_config(cfg, tmp_path / "ids.yaml")
+    for stage in ("folds", "train", "oof", "predict"):
+        invoke(stage, config)
+    oof = pd.read_csv(tmp_path / "oof" / "ids" / "oof.csv", dtype=str, keep_default_na=False)
+    assert oof["id"].tolist() == train["id"].tolist() and "NA" in set(oof["id"])
+    invoke("submit", "ids", "--out", tmp_path / "submission.csv", "--output-dir", tmp_path / "oof")
+    sub = (tmp_path / "submission.csv").read_text().splitlines()
+    sample = (data / "sample_submission.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in sub] == [line.split(",")[0] for line in sample]
+    assert sub[1].startswith("00")  # e.g. 0060, not 60

@@ -132,6 +132,15 @@ def test_experiment_name_is_the_yaml_stem(tmp_path):
     assert str(cfg.run_dir) == "runs/deberta_lr2e5"
 
 
+def test_experiment_set_in_the_yaml_names_the_run_but_a_base_may_not(tmp_path):
+    cfg = load_config(write_yaml(tmp_path / "exp.yaml", {"experiment": "deberta_v3", "train": {"lr": 2e-5}}))
+    assert cfg.experiment == "deberta_v3"  # honoured, not silently replaced by the file name
+    write_yaml(tmp_path / "named_base.yaml", {"experiment": "base_run"})
+    write_yaml(tmp_path / "child.yaml", {"base": "named_base.yaml"})
+    with pytest.raises(PipelineError, match=r"named_base.yaml: 'experiment' in a base file would name every"):
+        load_config(tmp_path / "child.yaml")
+
+
 def test_missing_or_bad_config_file(tmp_path):
     with pytest.raises(PipelineError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

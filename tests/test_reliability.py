@@ -295,10 +295,22 @@ def test_oof_before_folds_finished_names_them(work):
 
 def test_predict_without_checkpoints_names_the_folds(work):
     message = fail_untouched(work, "predict", work / "exp.yaml", *sets("experiment=untrained"))
-    assert "no checkpoint for fold(s) 0, 1" in message, message
+    assert "fold(s) 0, 1 have not finished" in message, message
     (work / "oof" / "exp" / "fold0" / "model.pt").unlink()
     message = fail_untouched(work, "predict", work / "exp.yaml")
     assert "no checkpoint for fold(s) 0 " in message, message
+
+
+def test_predict_refuses_an_unfinished_fold_and_its_half_trained_checkpoint(work):
+    (work / "oof" / "exp" / "fold1" / "metrics.json").unlink()  # as while `train` runs this fold again
+    message = fail_untouched(work, "predict", work / "exp.yaml")
+    assert "fold(s) 1 have not finished" in message, message
+
+
+def test_predict_refuses_settings_the_checkpoints_were_not_trained_with(work):
+    message = fail_untouched(work, "predict", work / "exp.yaml", *sets("data.max_length=8"))
+    assert "data.max_length: trained with 32, asked for 8" in message, message
+    invoke("predict", work / "exp.yaml", *sets("train.precision=fp32", "train.seed=3"))  # these do not matter
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]])

@@ -90,7 +90,8 @@ def expected_row(runs: dict[int, dict], base_runs: dict[int, dict], lower: bool 
                  for r in runs.values() for k, v in r["folds"].items())
     return {"seeds": len(runs), "cv": cv, "fold_mean": float(np.mean(scores)),
             "fold_std": float(np.std(scores, ddof=1)),
-            "delta": cv - float(np.mean([r["cv"] for r in base_runs.values()])), "failed": failed,
+            "delta": float(np.mean([runs[s]["cv"] - base_runs[s]["cv"] for s in sorted(runs) if s in base_runs])),
+            "failed": failed,
             "pairs": len(keys), "wins": sum((x < y) if lower else (x > y) for x, y in zip(a, b, strict=True)),
             "wilcoxon_p": float(stats.wilcoxon(a, b).pvalue), "ttest_p": float(stats.ttest_rel(a, b).pvalue)}
 
@@ -176,22 +177,25 @@ def test_reading_measures_differences_against_the_baseline_seed_spread(regressio
     assert "seeds: 42 (base: 1, 42; better: 1, 42)" in text  # the header names who ran extra seeds
 
 
-def reading_row(name: str, delta: float, wins: int, ttest_p: float, pairs: int = 5) -> dict:
+def reading_row(name: str, delta: float, wins: int, pairs: int, ttest_p: float, wilcoxon_p: float) -> dict:
     return {"experiment": name, "seeds": 1, "cv_seed_std": float("nan"), "delta": delta, "wins": wins,
-            "pairs": pairs, "wilcoxon_p": 0.0625, "ttest_p": ttest_p}
+            "pairs": pairs, "wilcoxon_p": wilcoxon_p, "ttest_p": ttest_p}
 
 
-@pytest.mark.parametrize(("delta", "wins", "ttest_p", "base_spread", "verdict"), [
-    (-0.02, 5, 0.01, 0.005, "better by 0.0200 — a clear difference"),
-    (-0.02, 5, 0.01, float("nan"), "better by 0.0200 — a clear difference"),  # one baseline seed: spread unknown
-    (-0.02, 4, 0.01, 0.005, "no reliable"),  # one fold went the other way: Wilcoxon cannot confirm it
-    (-0.02, 5, 0.20, 0.005, "no reliable"),  # the t-test does not
-    (-0.02, 5, 0.01, 0.030, "no reliable"),  # smaller than what a new seed of the baseline does
-    (+0.02, 0, 0.01, 0.005, "worse by 0.0200 — a clear difference"),
+@pytest.mark.parametrize(("delta", "wins", "pairs", "ttest_p", "wilcoxon_p", "base_spread", "verdict"), [
+    (-0.02, 5, 5, 0.01, 0.0625, 0.005, "better by 0.0200 — a clear difference"),
+    (-0.02, 5, 5, 0.01, 0.0625, float("nan"), "better by 0.0200 — a clear difference"),  # one baseline seed
+    (-0.02, 4, 5, 0.01, 0.125, 0.005, "no reliable"),  # one fold went the other way: Wilcoxon cannot confirm it
+    (-0.02, 5, 5, 0.20, 0.0625, 0.005, "no reliable"),  # the t-test does not
+    (-0.02, 5, 5, 0.01, 0.0625, 0.030, "no reliable"),  # smaller than what a new seed of the baseline does
+    (+0.02, 0, 5, 0.01, 0.0625, 0.005, "worse by 0.0200 — a clear difference"),
+    (-0.02, 9, 10, 0.01, 0.01, 0.005, "better by 0.0200 — a clear difference"),  # enough pairs for Wilcoxon
+    (-0.02, 2, 10, 0.01, 0.01, 0.005, "no reliable"),  # Wilcoxon p < 0.05, but most folds went the other way
 ])
-def test_reading_calls_a_difference_clear_only_when_every_test_agrees(delta, wins, ttest_p, base_spread, verdict):
-    base = reading_row("base", 0.0, 0, float("nan")) | {"seeds": 2, "cv_seed_std": base_spread}
-    table = pd.DataFrame([base, reading_row("tech", delta, wins, ttest_p)])
+def test_reading_calls_a_difference_clear_only_when_every_test_agrees(delta, wins, pairs, ttest_p, wilcoxon_p,
+                                                                      base_spread, verdict):
+    base = reading_row("base", 0.0, 0, pairs, float("nan"), float("nan")) | {"seeds": 2, "cv_seed_std": base_spread}
+    table = pd.DataFrame([base, reading_row("tech", delta, wins, pairs, ttest_p, wilcoxon_p)])
     line = [x for x in R.reading(table, "base", "rmse") if "**tech**" in x][0]
     assert verdict in line
 
@@ -368,3 +372,20 @@ def test_interactions_name_the_techniques_that_need_dropout_and_those_that_remov
 def test_header_says_which_experiments_ran_which_seeds(seeds, expected):
     exps = {name: R.Experiment(name, runs=[SimpleNamespace(seed=s) for s in v]) for name, v in seeds.items()}
     assert R.describe_seeds(exps, "base") == expected
+
+
+@pytest.mark.parametrize(("second", "seed", "mixout", "message"), [
+    ("x-seed42", 42, 0.0, "runs 'x' and 'x-seed42' are one experiment with the same seed 42"),
+    ("x-seed1", 1, 0.1, "'x-seed1' is grouped with 'x' as another seed of one experiment, but its settings differ "
+                        "(model.mixout: 0.0 vs 0.1)"),
+])
+def test_seed_runs_of_one_row_must_differ_in_their_seed_only(tmp_path, second, seed, mixout, message):
+    cfg = tiny_config(tmp_path, Path("unused-backbone"))
+    truth = pd.read_csv(Path(cfg.data.dir) / "train.csv")
+    y, ids = truth["target"].to_numpy(), truth["id"].tolist()
+    fold = assign_folds(y)
+    fabricate(cfg, "x", 42, y[:, None] + 0.1, fold, ids, ["target"])
+    fabricate(cfg, second, seed, y[:, None] - 0.1, fold, ids, ["target"], mixout=mixout)
+    with pytest.raises(PipelineError) as err:
+        R.collect(R.find_runs(["x"], Path(cfg.output_dir)), Path(cfg.output_dir))
+    assert message in str(err.value)

@@ -339,3 +339,48 @@ def test_peak_memory_is_counted_per_fold():
     assert fresh < earlier_peak - 400
     again = torch.ones(64 * 2**20)  # 256 MiB in the new fold: its own peak still counts
     assert T.peak_memory_mb(cpu) > fresh + 200 and float(again[0]) == 1.0
+
+
+def test_a_fold_interrupted_before_its_first_evaluation_resumes_from_the_last_epoch(tmp_path, tiny_backbone,
+                                                                                     monkeypatch):
+    """Evaluations may begin late (train.eval_start), so the state is also saved at each epoch's end."""
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=["train.epochs=3", "train.eval_every=2", "train.eval_start=0.9",
+                                                      "train.precision=fp32", "train.device=cpu"])
+    straight = T.run(copy.deepcopy(cfg), folds=[0], progress=False)[0]  # 40 rows, batches of 8: 5 steps per epoch
+    straight_preds = pd.read_csv(cfg.run_dir / "fold0" / "valid_predictions.csv")
+    straight_log = pd.read_csv(cfg.run_dir / "fold0" / "log.csv")
+
+    cfg.experiment = "interrupted"
+    collate, calls = D.collate, []
+
+    def crash_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # the second batch of the third epoch: no evaluation has run yet
+            raise KeyboardInterrupt
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(D, "collate", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(cfg, folds=[0], progress=False)
+    state = torch.load(cfg.run_dir / "fold0" / "state.pt", weights_only=False)
+    assert state["step"] == 10 and state["log"] == []
+    monkeypatch.setattr(D, "collate", collate)
+    resumed = T.run(cfg, folds=[0], resume=True, progress=False)[0]
+    assert resumed["score"] == pytest.approx(straight["score"], abs=1e-6)
+    resumed_preds = pd.read_csv(cfg.run_dir / "fold0" / "valid_predictions.csv")
+    np.testing.assert_allclose(resumed_preds["target"], straight_preds["target"], rtol=0, atol=1e-6)
+    resumed_log = pd.read_csv(cfg.run_dir / "fold0" / "log.csv")
+    np.testing.assert_allclose(resumed_log["train_loss"], straight_log["train_loss"], rtol=0, atol=1e-6)
+
+
+def test_training_a_finished_fold_again_marks_it_unfinished_until_done(tmp_path, tiny_backbone, monkeypatch):
+    """Without --resume a fold starts over: its old metrics.json must not vouch for a half-trained model.pt."""
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=["train.precision=fp32", "train.device=cpu"])
+    T.run(cfg, folds=[0], progress=False)
+    fold0 = cfg.run_dir / "fold0"
+    assert (fold0 / "metrics.json").exists()
+    monkeypatch.setattr(D, "collate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        T.run(cfg, folds=[0], progress=False)
+    assert not (fold0 / "metrics.json").exists() and not (fold0 / "valid_predictions.csv").exists()
+    assert 0 in O.missing_folds(cfg)
