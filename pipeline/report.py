@@ -161,7 +161,7 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
                                     f"{r.config.data.train_path}, the baseline by {metric} on {data.train_path}; "
                                     f"report experiments of one dataset and metric together")
     rows = []
-    for name, exp in experiments.items():
+    for name, exp in sorted(experiments.items(), key=lambda item: item[0] != baseline):  # the baseline first
         if not exp.runs:
             continue
         scores = np.array([v for r in exp.runs for v in r.fold_scores.values()])
@@ -218,7 +218,7 @@ def _plots(experiments: dict[str, Experiment], table: pd.DataFrame, baseline: st
     for i, name in enumerate(names):
         log = pd.concat([r.log for r in experiments[name].runs])
         curve = log.groupby("step")[metric].mean()
-        ax.plot(curve.index, curve.values, label=name, color=f"C{i % 10}")
+        ax.plot(curve.index, curve.values, label=name, color=f"C{i % 10}", marker="o", markersize=4)  # evaluations
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"validation {metric} (mean over folds and seeds)")
     ax.legend(fontsize=8)
@@ -294,11 +294,30 @@ def interactions(experiments: dict[str, Experiment]) -> list[str]:
             notes.append(f"- {name}: mixout turns the backbone's dropout off (the paper's recipe), so compare it "
                          "with dropout=0 as well as with the baseline.")
     if need and remove:
-        notes.append(f"- {', '.join(need)} need dropout and {', '.join(remove)} turn the backbone's off: they do not "
-                     "stack. With every dropout at 0, R-Drop's consistency term and MSD's extra samples are "
-                     "identically zero (training warns), so a combination pays their cost for nothing; choose "
-                     "one side from the rows above.")
+        needs = "needs" if len(need) == 1 else "need"
+        turns = "turns" if len(remove) == 1 else "turn"
+        notes.append(f"- {', '.join(need)} {needs} dropout and {', '.join(remove)} {turns} the backbone's off: they "
+                     "do not stack. With every dropout at 0, R-Drop's consistency term and MSD's extra samples are "
+                     "identically zero (training warns), so a combination pays their cost for nothing; choose one "
+                     "side from the rows above.")
     return notes
+
+
+def hardware() -> str:
+    """CPU model (and GPU, where training ran on one) for the report's header."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPU cores{gpu}"
 
 
 def describe_seeds(experiments: dict[str, Experiment], baseline: str) -> str:
@@ -334,8 +353,7 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
              f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "
              f"{first.train.eval_every or 'half epoch'} steps from {first.train.eval_start:.0%} of training, "
              "best evaluation kept",
-             f"- hardware: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPU cores, "
-             f"torch {torch.__version__}", "",
+             f"- hardware: {hardware()}, torch {torch.__version__}", "",
              "| experiment | changes | seeds | OOF CV | fold mean ± std | Δ vs baseline | wins | Wilcoxon p | "
              "paired t p | failed runs | s / fold | peak MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -347,9 +365,11 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
                      f"{_fmt(r['wilcoxon_p'], 3)} | {_fmt(r['ttest_p'], 3)} | {r['failed']} | "
                      f"{r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     incomplete = [m for e in experiments.values() for m in e.incomplete]
-    lines += ["", "Δ: the experiment's CV minus the baseline's (each averaged over its seeds). Wins and both p-values: "
-              "paired (seed, fold) comparisons with the baseline, over the pairs both have. Failed runs: folds no "
-              "better than predicting the training mean.", "",
+    lines += ["", "Δ: the experiment's CV minus the baseline's, over the seeds both ran. Wins and both p-values: "
+              "paired (seed, fold) comparisons with the baseline. Failed runs: folds no better than predicting the "
+              "training mean. s / fold: training and evaluation time. Peak MB: peak GPU memory allocated, or on CPU "
+              "the process's resident peak during the fold, which includes what the CPU kernels (oneDNN) cache "
+              "from earlier folds of the same grid process.", "",
               f"![scores]({figures[0]})", "", f"![validation curves]({figures[1]})", "", "## Reading", ""]
     lines += reading(table, baseline, metric) or ["- Only the baseline is in this report."]
     notes = interactions(experiments)

@@ -359,6 +359,8 @@ def test_interactions_name_the_techniques_that_need_dropout_and_those_that_remov
                                 experiment("rdrop_no_dropout", {"dropout": 0.0}, {"rdrop": 1.0})]}
     notes = "\n".join(R.interactions(exps))
     assert "rdrop, msd, rdrop_no_dropout need dropout and no_dropout, mixout, rdrop_no_dropout turn" in notes
+    one = "\n".join(R.interactions({n: exps[n] for n in ("base", "msd", "no_dropout")}))
+    assert "msd needs dropout and no_dropout turns the backbone's off" in one
     assert "- rdrop_no_dropout: R-Drop / Multi-Sample Dropout with the backbone's dropout at 0" in notes
     assert "- mixout: mixout turns the backbone's dropout off" in notes
     assert R.interactions({"base": exps["base"], "rdrop": exps["rdrop"]}) == []  # nothing to warn about
