@@ -89,11 +89,6 @@ def load_folds(cfg: Config, df: pd.DataFrame) -> np.ndarray:
     folds = read_csv(path, id_col)
     if id_col not in folds.columns or "fold" not in folds.columns:
         raise PipelineError(f"{path}: expected columns '{id_col}' and 'fold'")
-    try:
-        folds[id_col] = folds[id_col].astype(df[id_col].dtype)
-    except (ValueError, TypeError):
-        raise PipelineError(f"{path}: made for another dataset (its ids are not of the type of those in "
-                            f"{cfg.data.train_path}); delete it or run `pipeline folds --force`") from None
     by_id = folds.set_index(id_col)["fold"]
     missing = ~df[id_col].isin(by_id.index)
     if missing.any() or len(folds) != len(df):

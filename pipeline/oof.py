@@ -32,7 +32,6 @@ def run(cfg: Config) -> dict:
         part.insert(1, "fold", k)
         parts.append(part)
     preds = pd.concat(parts, ignore_index=True)
-    preds[id_col] = preds[id_col].astype(df[id_col].dtype)
     if preds[id_col].duplicated().any() or set(preds[id_col]) != set(df[id_col]):
         raise PipelineError(f"{cfg.run_dir}: fold predictions do not cover the training ids exactly once; "
                             f"were the folds changed after training? Retrain the experiment")

@@ -8,6 +8,7 @@ An experiment that is missing or has unfinished folds is listed as incomplete, n
 from __future__ import annotations
 
 import fnmatch
+import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -74,7 +75,6 @@ def load_run(run_dir: Path) -> Run | str:
     id_col = cfg.data.id_column
     oof = read_csv(run_dir / "oof.csv", id_col)
     train = D.load_train(cfg)
-    oof[id_col] = oof[id_col].astype(train[id_col].dtype)
     train = train.set_index(id_col).loc[oof[id_col]].reset_index()  # truth joined by id
     y = D.target_array(cfg, train)
     preds = oof[[c for c in oof.columns if c not in (id_col, "fold")]].to_numpy(float)
@@ -305,8 +305,6 @@ def interactions(experiments: dict[str, Experiment]) -> list[str]:
 
 def hardware() -> str:
     """CPU model (and GPU, where training ran on one) for the report's header."""
-    import os
-
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -323,8 +321,7 @@ def hardware() -> str:
 def describe_seeds(experiments: dict[str, Experiment], baseline: str) -> str:
     """`42` when every experiment ran the same seeds, else the common ones and the exceptions by name."""
     by_name = {n: sorted(r.seed for r in e.runs) for n, e in experiments.items() if e.runs}
-    common = by_name[baseline] if len({tuple(v) for v in by_name.values()}) == 1 else \
-        sorted(set.intersection(*(set(v) for v in by_name.values())))
+    common = sorted(set.intersection(*(set(v) for v in by_name.values())))
     others = [f"{n}: {', '.join(map(str, v))}" for n, v in by_name.items() if v != common]
     return ", ".join(map(str, common)) + (f" ({'; '.join(others)})" if others else "")
 

@@ -245,18 +245,19 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
         running_loss, running_n = state.get("running_loss", 0.0), state.get("running_n", 0)
 
     started = time.time() - elapsed
-    saved_at = [step]
+    saved_at = step
 
     def save_state() -> None:
         """Everything `--resume` needs to continue exactly from this optimizer step."""
-        if t.save_checkpoint and saved_at[0] < step < total_steps:
+        nonlocal saved_at
+        if t.save_checkpoint and saved_at < step < total_steps:
             save_torch_atomic(state_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
                 "skipped": skipped, "best_preds": best_preds, "rng": rng_state(device),
                 "elapsed_s": time.time() - started, "running_loss": running_loss, "running_n": running_n})
-            saved_at[0] = step
+            saved_at = step
 
     bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
