@@ -80,11 +80,12 @@ report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, 5 
 BENCH_DATA = $(or $(DATA),inputs/commonlitreadabilityprize)
 EPOCHS ?= 3
 REPEATS ?= 1
-bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=3 REPEATS=1), the speed levers, the scaling table
+bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=3 REPEATS=1), the speed levers, the scaling table, batch widths
 	$(BIN)/python -c "import accelerate" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --epochs $(EPOCHS) --repeats $(REPEATS)
 	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --levers
 	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --scaling
+	$(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA) --shapes
 
 bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline
 	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10

@@ -13,7 +13,10 @@ predict returns a permuted order.
 length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts. `--levers` times a
 step with transformers' attention and dropout against the pipeline's, one lever at a time. `--padding`
 prints the share of padding tokens in an epoch of fold-0 batches, length-grouped and random (what a token
-budget per batch could save at most).
+budget per batch could save at most). `--shapes` times a whole epoch of fold-0 steps (every batch width a real
+run meets) as the batches come, padded to fewer widths, and with a larger and a smaller oneDNN primitive cache.
+`--summary` lists every saved comparison's runs by contender and seed (runs with other overrides left out),
+with each contender's mean.
 """
 
 from __future__ import annotations
@@ -160,8 +163,12 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
             "train_rows": len(train_idx), "train_tokens": tokens, "precision": precision}
 
 
-def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
-    """Median seconds per optimizer step of the pipeline's training step on fold 0, after two warm-up steps."""
+def timed_steps(cfg, steps: int | None = None, pad_multiple: int = 1) -> tuple[list[float], set[int], object, str]:
+    """Seconds of each of the pipeline's training steps on fold-0 batches, after two warm-up steps.
+
+    `steps` batches (None: a whole epoch's), each widened with padding to a multiple of `pad_multiple` tokens.
+    Returns the times, the batch widths met, the prepared data and the precision.
+    """
     import numpy as np
     import torch
 
@@ -176,24 +183,82 @@ def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
     model, _ = T.build_model(cfg.model, prep.outputs)
     model.to(device).train()
     optimizer = T.build_optimizer(model, cfg)
-    batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)[: steps + 2]
-    times = []
+    batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)
+    batches = batches[: steps + 2] if steps else batches[:2] + batches
+    times, widths = [], set()
     for i, b in enumerate(batches):
-        batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id).to(device)
+        batch = pad_to_multiple(D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id), pad_multiple)
+        widths.add(batch.inputs["input_ids"].shape[1])
         start = time.perf_counter()
         with T.autocast(device, precision):
-            loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
+            loss = T.training_loss(model, batch.to(device), cfg.data.task, cfg.train.rdrop)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - start)
+    return times, widths, prep, precision
+
+
+def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
+    """Median seconds per optimizer step of the pipeline's training step on fold 0, after two warm-up steps."""
+    import numpy as np
+
+    times, _, prep, precision = timed_steps(cfg, steps)
+    train_pos = np.flatnonzero(prep.fold != 0)
     per_step = float(np.median(times))
     epoch_steps = math.ceil(len(train_pos) * factor / cfg.train.batch_size)
     return {"rows": len(train_pos) * factor, "max_length": cfg.data.max_length, "s_per_step": per_step,
             "epoch_s": per_step * epoch_steps, "mean_tokens": float(prep.enc.lengths[train_pos].mean()),
             "precision": precision}
+
+
+def pad_to_multiple(batch, multiple: int):
+    """The batch widened with padding to a multiple of `multiple` tokens (the mask keeps it out of every result)."""
+    import torch.nn.functional as F
+
+    width = batch.inputs["input_ids"].shape[1]
+    extra = -width % multiple
+    if extra:
+        batch.inputs = {k: F.pad(v, (0, extra)) for k, v in batch.inputs.items()}  # pad id 0, mask 0
+    return batch
+
+
+def epoch_seconds(data: str, pad_multiple: int) -> dict:
+    """Seconds for one whole epoch of fold-0 training steps (every batch width of a real run)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times, widths, _, _ = timed_steps(config(data, 1, tmp), None, pad_multiple)
+    return {"steps": len(times), "epoch_s": float(sum(times)), "mean_s_per_step": float(np.mean(times)),
+            "median_s_per_step": float(np.median(times)), "widths": len(widths), "peak_memory_mb": peak_mb()}
+
+
+SHAPES = [  # (name, pad multiple, environment): every batch width, fewer widths, a larger oneDNN primitive cache
+    ("widths as they come", 1, {}),
+    ("widths padded to a multiple of 8", 8, {}),
+    ("widths padded to a multiple of 32", 32, {}),
+    ("ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384", 1, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384"}),
+    ("ONEDNN_PRIMITIVE_CACHE_CAPACITY=64", 1, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}),
+]
+
+
+def run_shapes(data: str) -> list[dict]:
+    """One epoch per variant, each in its own process (the cache size is read when oneDNN starts)."""
+    rows = []
+    for name, multiple, env in SHAPES:
+        cmd = [sys.executable, __file__, "--one-epoch", str(multiple), "--data", data]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        rows.append({"variant": name, **json.loads(line[-1][7:])})
+        r = rows[-1]
+        print(f"{name:40s} {r['epoch_s']:6.1f} s/epoch  mean {r['mean_s_per_step']:.3f}  median "
+              f"{r['median_s_per_step']:.3f} s/step  {r['widths']:3d} widths  peak {r['peak_memory_mb']:.0f} MB",
+              flush=True)
+    return rows
 
 
 def run_scaling(data: str) -> list[dict]:
@@ -248,6 +313,26 @@ def padding_share(data: str) -> dict:
     return out
 
 
+def saved_runs(out: Path) -> list[dict]:
+    """Every contender's runs over every saved comparison (seeds and repeats), and their mean last-step RMSE."""
+    rows = []
+    for path in sorted(out.glob("compare_trainer*.json")):
+        saved = json.loads(path.read_text())
+        sets = saved.get("sets", [])  # files from before the --set option have none
+        seed = next((x.split("=", 1)[1] for x in sets if x.startswith("train.seed=")), "42")
+        rows += [{"file": path.name, "seed": seed, **r} for r in saved["runs"] if not sets
+                 or all(x.startswith("train.seed=") for x in sets)]
+    for name in CONTENDERS:
+        runs = [r for r in rows if r["contender"] == name]
+        for r in runs:
+            print(f"{name:24s} seed {r['seed']:>4s}  {r['samples_per_s']:6.2f} samples/s  rmse {r['rmse']:.4f}  "
+                  f"({r['file']})")
+        if runs:
+            print(f"{name:24s} mean over {len(runs)}: {sum(r['samples_per_s'] for r in runs) / len(runs):6.2f} "
+                  f"samples/s  rmse {sum(r['rmse'] for r in runs) / len(runs):.4f}")
+    return rows
+
+
 def child(args) -> None:
     fn = {"pipeline": run_pipeline, "trainer": run_trainer,
           "pipeline-stock-dropout": lambda *a: run_pipeline(*a, stock_dropout=True)}[args.one]
@@ -271,15 +356,28 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--levers", action="store_true", help="seconds per step with and without each speed lever")
     parser.add_argument("--padding", action="store_true", help="padding share of length-grouped and random batches")
+    parser.add_argument("--summary", action="store_true", help="every saved comparison's runs, by contender and seed")
+    parser.add_argument("--shapes", action="store_true", help="one epoch's steps: batch widths and oneDNN's cache")
+    parser.add_argument("--one-epoch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return child(args)
+    if args.one_epoch:
+        print("RESULT " + json.dumps(epoch_seconds(args.data, args.one_epoch)), flush=True)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if args.padding:
         share = padding_share(args.data)
         print("padding tokens per real token, fold-0 training batches: "
               + ", ".join(f"{k} {v:.2%}" for k, v in share.items()))
+        return
+    if args.summary:
+        saved_runs(args.out)
+        return
+    if args.shapes:
+        rows = run_shapes(args.data)
+        (args.out / "shapes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
         return
     if args.levers:
         rows = run_levers(args.data)
@@ -317,7 +415,8 @@ def main() -> None:
              for name in args.only if name != "trainer" and "trainer" in summary}
     for name, r in ratio.items():
         print(f"throughput ratio {name}/trainer: {r:.2f}x  ({machine}, epochs {args.epochs}, repeats {args.repeats})")
-    name = "compare_trainer" + "".join(f"_{x}".replace("=", "-") for x in args.set) + ".json"
+    name = ("compare_trainer" + "".join(f"_{x}".replace("=", "-") for x in args.set)
+            + ("" if args.only == CONTENDERS else "_" + "_".join(args.only)) + ".json")
     (args.out / name).write_text(json.dumps({"machine": machine, "epochs": args.epochs, "sets": args.set,
                                              "runs": results, "mean": summary, "ratio": ratio}, indent=2))
 
