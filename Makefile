@@ -65,8 +65,9 @@ ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend
 
 REPORT_CONFIGS ?= $(wildcard configs/commonlit_*.yaml)
 SEEDS ?= 42
-# The grid's budget: 9 configs x 5 folds and the baseline's second seed took 2 h 53 min on the 2-core CPU at
-# 1 epoch (the baseline config trains 3). Its runs live in oof/report/, apart from full-length runs of the same configs in oof/.
+# The grid's budget: 9 configs x 5 folds and the baseline's second seed took 2 h 53 min on the 2-core CPU
+# at 1 epoch (the baseline config trains 3). Its runs live in oof/report/, apart from full-length runs of the
+# same configs in oof/.
 REPORT_DIR ?= oof/report
 REPORT_SET ?= train.epochs=1
 # Extra seeds for the baseline alone: the seed-to-seed spread the report's reading measures each difference against.

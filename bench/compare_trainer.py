@@ -315,11 +315,14 @@ def padding_share(data: str) -> dict:
 
 def saved_runs(out: Path) -> list[dict]:
     """Every contender's runs over every saved comparison (seeds and repeats), and their mean last-step RMSE."""
+    from pipeline.config import load_config
+
+    default_seed = str(load_config(ROOT / "configs/commonlit_baseline.yaml").train.seed)  # runs without --set
     rows = []
     for path in sorted(out.glob("compare_trainer*.json")):
         saved = json.loads(path.read_text())
         sets = saved.get("sets", [])  # files from before the --set option have none
-        seed = next((x.split("=", 1)[1] for x in sets if x.startswith("train.seed=")), "42")
+        seed = next((x.split("=", 1)[1] for x in sets if x.startswith("train.seed=")), default_seed)
         rows += [{"file": path.name, "seed": seed, **r} for r in saved["runs"] if not sets
                  or all(x.startswith("train.seed=") for x in sets)]
     for name in CONTENDERS:
