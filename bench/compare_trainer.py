@@ -4,10 +4,11 @@
 
 Each contender runs in its own subprocess (a clean memory peak), alternating A B C C B A ... so machine noise
 shows. Both fine-tune the embedded MiniLM on fold 0 of the pipeline's folds with the same epochs, batch
-size, learning rate, linear schedule with 10% warmup, max length and precision; both evaluate once, at the
-end (the pipeline's mid-training evaluations are turned off here so the work is the same). The Trainer uses
-dynamic padding and length-grouped sampling; its predictions are aligned by id, since its length-grouped
-predict returns a permuted order.
+size, learning rate, linear schedule with 10% warmup, max length and precision, and evaluate the held-out rows
+after the same steps (the pipeline's schedule; a callback makes the Trainer follow it). Each result has the fold
+RMSE at the last step, averaged over the evaluations (steadier: the last step alone moves by up to 0.04) and
+the best, and samples/s with and without the evaluations. The Trainer uses dynamic padding and length-grouped
+sampling; its predictions are aligned by id, since its length-grouped predict returns a permuted order.
 
 `--scaling` measures seconds per optimizer step of the pipeline at 1x, 2x, 4x the fold's rows and max
 length 128, 256, 512, and prints the time per epoch beside what a linear cost predicts. `--levers` times a
@@ -15,8 +16,9 @@ step with transformers' attention and dropout against the pipeline's, one lever 
 prints the share of padding tokens in an epoch of fold-0 batches, length-grouped and random (what a token
 budget per batch could save at most). `--shapes` times a whole epoch of fold-0 steps (every batch width a real
 run meets) as the batches come, padded to fewer widths, and with a larger and a smaller oneDNN primitive cache.
-`--summary` lists every saved comparison's runs by contender and seed (runs with other overrides left out),
-with each contender's mean.
+`--profile` shows where a training step's CPU time goes. `--summary` lists every saved comparison's runs by
+contender and seed (runs with other overrides left out), each contender's mean, and each pipeline contender
+against the Trainer seed by seed.
 """
 
 from __future__ import annotations
@@ -37,15 +39,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-# The pipeline's baseline (attention dropout 0), the same with the checkpoint's dropout, and the Trainer.
-CONTENDERS = ["pipeline", "pipeline-stock-dropout", "trainer"]
+# The pipeline's baseline (attention dropout 0), the same with the checkpoint's dropout, the pipeline's best CommonLit
+# recipe, and the Trainer.
+CONTENDERS = ["pipeline", "pipeline-stock-dropout", "pipeline-best", "trainer"]
 sys.path.insert(0, str(ROOT))
 
 
-def config(data: str, epochs: float, out: str, extra: list[str] = ()):
+def config(data: str, epochs: float, out: str, extra: list[str] = (), name: str = "commonlit_baseline"):
     from pipeline.config import load_config
 
-    return load_config(ROOT / "configs/commonlit_baseline.yaml",
+    return load_config(ROOT / f"configs/{name}.yaml",
                        [f"data.dir={data}", f"train.epochs={epochs}", f"output_dir={out}", *extra])
 
 
@@ -64,22 +67,41 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_pipeline(data: str, epochs: float, sets: list[str], stock_dropout: bool = False) -> dict:
-    """The baseline config; `stock_dropout` keeps the checkpoint's attention dropout, as the Trainer's model has."""
+def curve_summary(curve: dict[int, float]) -> dict:
+    """The fold RMSE read three ways from the evaluations both contenders make at the same steps.
+
+    The last step alone moves by up to 0.04 between evaluations; the mean over the scheduled evaluations is the
+    steadier comparison, the best is what a run that keeps its best checkpoint scores.
+    """
+    values = [curve[k] for k in sorted(curve)]
+    return {"rmse": values[-1], "rmse_mean": sum(values) / len(values), "rmse_best": min(values),
+            "curve": {str(k): curve[k] for k in sorted(curve)}}
+
+
+def run_pipeline(data: str, epochs: float, sets: list[str], variant: str = "pipeline") -> dict:
+    """A CommonLit config trained on fold 0 with its own evaluation schedule, no checkpoint files.
+
+    pipeline: the baseline config. pipeline-stock-dropout: the same with the checkpoint's attention dropout, as the
+    Trainer's model has. pipeline-best: configs/commonlit_best.yaml (dropout 0, top layer re-initialized).
+    """
+    import pandas as pd
+
     from pipeline import train as T
 
+    extra = ["train.save_checkpoint=false"] + ["model.attention_dropout=null"] * (variant == "pipeline-stock-dropout")
+    name = "commonlit_best" if variant == "pipeline-best" else "commonlit_baseline"
     with tempfile.TemporaryDirectory() as tmp:
-        extra = ["train.save_checkpoint=false", "train.eval_every=100000"]
-        cfg = config(data, epochs, tmp, extra + ["model.attention_dropout=null"] * stock_dropout + sets)
+        cfg = config(data, epochs, tmp, extra + sets, name)
         prep = T.prepare(cfg)
         start = time.perf_counter()
         metrics = T.train_fold(prep, 0, progress=False)
         wall = time.perf_counter() - start
+        log = pd.read_csv(T.fold_dir(cfg, 0) / "log.csv")
+        curve = {int(k): float(v) for k, v in zip(log["step"], log["rmse"])}
         train_pos = (prep.fold != 0).nonzero()[0]
         tokens = int(prep.enc.lengths[train_pos].sum())
-    name = "pipeline-stock-dropout" if stock_dropout else "pipeline"
-    return {"contender": name, "wall_s": wall, "rmse": metrics["score"], "train_rows": len(train_pos),
-            "train_tokens": tokens, "precision": metrics["precision"]}
+    return {"contender": variant, "wall_s": wall, "eval_s": float(log["eval_s"].sum()), **curve_summary(curve),
+            "train_rows": len(train_pos), "train_tokens": tokens, "precision": metrics["precision"]}
 
 
 def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
@@ -90,13 +112,14 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
     from transformers.utils import logging as hf_logging
 
     from pipeline.metrics import rmse
     from pipeline.model import resolve_backbone
-    from pipeline.train import resolve_precision
+    from pipeline.train import resolve_precision, step_plan
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,14 +147,15 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
         precision = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         start = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, problem_type="regression")
-        steps = math.ceil(math.ceil(len(train_idx) / t.batch_size) * epochs)
+        plan = step_plan(t, len(train_idx))  # the pipeline's evaluation steps, for the Trainer too
         args = TrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=t.batch_size,
             per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,
-            lr_scheduler_type="linear", warmup_steps=round(t.warmup_ratio * steps), max_grad_norm=t.max_grad_norm,
-            train_sampling_strategy="group_by_length", bf16=precision == "bf16", fp16=precision == "fp16",
-            eval_strategy="no", save_strategy="no", report_to="none", logging_strategy="no", seed=t.seed,
-            remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+            lr_scheduler_type="linear", warmup_steps=round(t.warmup_ratio * plan.total_steps),
+            max_grad_norm=t.max_grad_norm, train_sampling_strategy="group_by_length", bf16=precision == "bf16",
+            fp16=precision == "fp16", eval_strategy="no", save_strategy="no", report_to="none",
+            logging_strategy="no", seed=t.seed, remove_unused_columns=False, dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available())
 
         def collate(items):
             rows = [it.pop("row") for it in items]
@@ -149,24 +173,43 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
                 loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
                 return loss, logits, rows
 
-        trainer = RowTrainer(model=model, args=args, train_dataset=Rows(train_idx), data_collator=collate)
+        eval_seconds = []
+
+        class Schedule(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                control.should_evaluate = state.global_step in plan.eval_steps
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                eval_seconds.append(metrics["eval_runtime"])
+
+        y = df["target"].to_numpy()
+        curve = {}
+
+        def compute_metrics(out):  # label_ids are the row ids: the predictions' order is the Trainer's own
+            curve[trainer.state.global_step] = rmse(y[np.asarray(out.label_ids).reshape(-1)],
+                                                    np.asarray(out.predictions).reshape(-1))
+            return {"rmse": curve[trainer.state.global_step]}
+
+        trainer = RowTrainer(model=model, args=args, train_dataset=Rows(train_idx), eval_dataset=Rows(valid_idx),
+                             data_collator=collate, compute_metrics=compute_metrics, callbacks=[Schedule()])
         trainer.train()
-        out = trainer.predict(Rows(valid_idx))
         wall = time.perf_counter() - start
+        out = trainer.predict(Rows(valid_idx))  # after the clock: it only shows the permuted order
         preds = np.asarray(out.predictions).reshape(-1)
         rows = np.asarray(out.label_ids).reshape(-1)  # the row ids, in the order Trainer returned them
-        y = df["target"].to_numpy()
-        aligned = rmse(y[rows], preds)
         positional = rmse(y[valid_idx], preds)  # what reading the predictions in dataset order would give
         tokens = int(sum(len(enc["input_ids"][int(i)]) for i in train_idx))
-    return {"contender": "trainer", "wall_s": wall, "rmse": aligned, "rmse_if_read_by_position": positional,
-            "train_rows": len(train_idx), "train_tokens": tokens, "precision": precision}
+    return {"contender": "trainer", "wall_s": wall, "eval_s": sum(eval_seconds), **curve_summary(curve),
+            "rmse_predict": rmse(y[rows], preds),
+            "rmse_if_read_by_position": positional, "train_rows": len(train_idx), "train_tokens": tokens,
+            "precision": precision}
 
 
-def timed_steps(cfg, steps: int | None = None, pad_multiple: int = 1) -> tuple[list[float], set[int], object, str]:
+def timed_steps(cfg, steps: int | None = None, after_step=None) -> tuple[list[float], set[int], object, str]:
     """Seconds of each of the pipeline's training steps on fold-0 batches, after two warm-up steps.
 
-    `steps` batches (None: a whole epoch's), each widened with padding to a multiple of `pad_multiple` tokens.
+    `steps` batches (None: a whole epoch's), padded as the config says (train.pad_to_multiple_of); `after_step`
+    is called after each step, warm-up included (a profiler's `step`).
     Returns the times, the batch widths met, the prepared data and the precision.
     """
     import numpy as np
@@ -187,7 +230,7 @@ def timed_steps(cfg, steps: int | None = None, pad_multiple: int = 1) -> tuple[l
     batches = batches[: steps + 2] if steps else batches[:2] + batches
     times, widths = [], set()
     for i, b in enumerate(batches):
-        batch = pad_to_multiple(D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id), pad_multiple)
+        batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
         widths.add(batch.inputs["input_ids"].shape[1])
         start = time.perf_counter()
         with T.autocast(device, precision):
@@ -198,7 +241,35 @@ def timed_steps(cfg, steps: int | None = None, pad_multiple: int = 1) -> tuple[l
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:
             times.append(time.perf_counter() - start)
+        if after_step:
+            after_step()
     return times, widths, prep, precision
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profile_steps(data: str, steps: int = 4) -> dict:
+    """Where a training step's CPU time goes: torch's profiler over `steps` fold-0 steps after the warm-up."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU], with_flops=True,
+                                                       schedule=schedule(wait=2, warmup=1, active=steps)) as prof:
+        timed_steps(config(data, 1, tmp), steps + 1, prof.step)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = [e for e in events if e.key in MATMULS]
+    matmul_us = sum(e.self_cpu_time_total for e in matmul)
+    print(f"{'op':40s} {'share':>6s} {'ms / step':>9s}")
+    for e in events[:15]:
+        print(f"{e.key:40s} {e.self_cpu_time_total / total:6.1%} {e.self_cpu_time_total / steps / 1000:9.1f}")
+    gflops = sum(e.flops for e in matmul) / matmul_us / 1e3
+    print(f"matrix multiplies: {matmul_us / total:.1%} of the step's CPU time, at {gflops:.0f} GFLOP/s "
+          f"({torch.get_num_threads()} threads)")
+    return {"steps": steps, "matmul_share": matmul_us / total, "matmul_gflops": gflops,
+            "ops": [{"op": e.key, "share": e.self_cpu_time_total / total,
+                     "ms_per_step": e.self_cpu_time_total / steps / 1000} for e in events[:15]]}
 
 
 def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
@@ -214,30 +285,19 @@ def seconds_per_step(cfg, steps: int = 10, factor: int = 1) -> dict:
             "precision": precision}
 
 
-def pad_to_multiple(batch, multiple: int):
-    """The batch widened with padding to a multiple of `multiple` tokens (the mask keeps it out of every result)."""
-    import torch.nn.functional as F
-
-    width = batch.inputs["input_ids"].shape[1]
-    extra = -width % multiple
-    if extra:
-        batch.inputs = {k: F.pad(v, (0, extra)) for k, v in batch.inputs.items()}  # pad id 0, mask 0
-    return batch
-
-
 def epoch_seconds(data: str, pad_multiple: int) -> dict:
     """Seconds for one whole epoch of fold-0 training steps (every batch width of a real run)."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        times, widths, _, _ = timed_steps(config(data, 1, tmp), None, pad_multiple)
+        times, widths, _, _ = timed_steps(config(data, 1, tmp, [f"train.pad_to_multiple_of={pad_multiple}"]))
     return {"steps": len(times), "epoch_s": float(sum(times)), "mean_s_per_step": float(np.mean(times)),
             "median_s_per_step": float(np.median(times)), "widths": len(widths), "peak_memory_mb": peak_mb()}
 
 
 SHAPES = [  # (name, pad multiple, environment): every batch width, fewer widths, a larger oneDNN primitive cache
     ("widths as they come", 1, {}),
-    ("widths padded to a multiple of 8", 8, {}),
+    ("widths padded to a multiple of 8 (the default)", 8, {}),
     ("widths padded to a multiple of 32", 32, {}),
     ("ONEDNN_PRIMITIVE_CACHE_CAPACITY=16384", 1, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384"}),
     ("ONEDNN_PRIMITIVE_CACHE_CAPACITY=64", 1, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}),
@@ -313,36 +373,55 @@ def padding_share(data: str) -> dict:
     return out
 
 
+RMSES = ("rmse", "rmse_mean", "rmse_best")  # fold-0 RMSE at the last step, over the scheduled evaluations, best
+
+
 def saved_runs(out: Path) -> list[dict]:
-    """Every contender's runs over every saved comparison (seeds and repeats), and their mean last-step RMSE."""
+    """Every contender's runs over every saved comparison (seeds and repeats), their means, and each pipeline
+    contender against the Trainer seed by seed."""
     from pipeline.config import load_config
 
     default_seed = str(load_config(ROOT / "configs/commonlit_baseline.yaml").train.seed)  # runs without --set
     rows = []
     for path in sorted(out.glob("compare_trainer*.json")):
         saved = json.loads(path.read_text())
-        sets = saved.get("sets", [])  # files from before the --set option have none
+        sets = saved.get("sets", [])
         seed = next((x.split("=", 1)[1] for x in sets if x.startswith("train.seed=")), default_seed)
-        rows += [{"file": path.name, "seed": seed, **r} for r in saved["runs"] if not sets
-                 or all(x.startswith("train.seed=") for x in sets)]
+        rows += [{"file": path.name, "seed": seed, **r} for r in saved["runs"]
+                 if all(x.startswith("train.seed=") for x in sets)]
+    def line(name: str, seed: str, r: dict, note: str = "") -> str:
+        return (f"{name:24s} {seed:>5s} {r['samples_per_s']:9.2f} {r['train_samples_per_s']:10.2f} "
+                + " ".join(f"{r[k]:7.4f}" for k in RMSES) + note)
+
+    print(f"{'contender':24s} {'seed':>5s} {'samples/s':>9s} {'train only':>10s}    last    mean    best")
     for name in CONTENDERS:
         runs = [r for r in rows if r["contender"] == name]
         for r in runs:
-            print(f"{name:24s} seed {r['seed']:>4s}  {r['samples_per_s']:6.2f} samples/s  rmse {r['rmse']:.4f}  "
-                  f"({r['file']})")
+            print(line(name, r["seed"], r, f"  ({r['file']})"))
         if runs:
-            print(f"{name:24s} mean over {len(runs)}: {sum(r['samples_per_s'] for r in runs) / len(runs):6.2f} "
-                  f"samples/s  rmse {sum(r['rmse'] for r in runs) / len(runs):.4f}")
+            keys = ("samples_per_s", "train_samples_per_s", *RMSES)
+            print(line(name, "mean", {k: sum(r[k] for r in runs) / len(runs) for k in keys}))
+    trainer = {r["seed"]: r for r in rows if r["contender"] == "trainer"}
+    for name in CONTENDERS[:-1]:
+        pairs = [(r, trainer[r["seed"]]) for r in rows if r["contender"] == name and r["seed"] in trainer]
+        if pairs:
+            diffs = " ".join(f"{k} {sum(a[k] - b[k] for a, b in pairs) / len(pairs):+.4f} "
+                             f"(better at {sum(a[k] <= b[k] for a, b in pairs)})" for k in RMSES)
+            speed = sum(a["samples_per_s"] / b["samples_per_s"] for a, b in pairs) / len(pairs)
+            print(f"{name} - trainer over {len(pairs)} seeds: {speed:.2f}x samples/s; RMSE {diffs}")
     return rows
 
 
 def child(args) -> None:
-    fn = {"pipeline": run_pipeline, "trainer": run_trainer,
-          "pipeline-stock-dropout": lambda *a: run_pipeline(*a, stock_dropout=True)}[args.one]
-    result = fn(args.data, args.epochs, args.set)
+    if args.one == "trainer":
+        result = run_trainer(args.data, args.epochs, args.set)
+    else:
+        result = run_pipeline(args.data, args.epochs, args.set, args.one)
     result["peak_memory_mb"] = peak_mb()
     result["samples_per_s"] = result["train_rows"] * args.epochs / result["wall_s"]
     result["tokens_per_s"] = result["train_tokens"] * args.epochs / result["wall_s"]
+    # Both evaluate the same rows at the same steps, each its own way; training alone, without them:
+    result["train_samples_per_s"] = result["train_rows"] * args.epochs / (result["wall_s"] - result["eval_s"])
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -361,6 +440,7 @@ def main() -> None:
     parser.add_argument("--padding", action="store_true", help="padding share of length-grouped and random batches")
     parser.add_argument("--summary", action="store_true", help="every saved comparison's runs, by contender and seed")
     parser.add_argument("--shapes", action="store_true", help="one epoch's steps: batch widths and oneDNN's cache")
+    parser.add_argument("--profile", action="store_true", help="where a training step's CPU time goes")
     parser.add_argument("--one-epoch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -381,6 +461,10 @@ def main() -> None:
     if args.shapes:
         rows = run_shapes(args.data)
         (args.out / "shapes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        return
+    if args.profile:
+        result = profile_steps(args.data)
+        (args.out / "profile.json").write_text(json.dumps({"machine": machine, **result}, indent=2))
         return
     if args.levers:
         rows = run_levers(args.data)
@@ -408,12 +492,14 @@ def main() -> None:
         results.append(json.loads(line[-1][7:]))
         r = results[-1]
         print(f"{contender:8s} {r['wall_s']:7.1f} s  {r['samples_per_s']:6.2f} samples/s  "
-              f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse {r['rmse']:.4f}", flush=True)
+              f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse last {r['rmse']:.4f} "
+              f"mean {r['rmse_mean']:.4f} best {r['rmse_best']:.4f}", flush=True)
     summary = {}
     for name in args.only:
         runs = [r for r in results if r["contender"] == name]
         summary[name] = {k: float(sum(r[k] for r in runs) / len(runs))
-                         for k in ("wall_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "rmse")}
+                         for k in ("wall_s", "samples_per_s", "train_samples_per_s", "tokens_per_s", "peak_memory_mb",
+                                   *RMSES)}
     ratio = {name: summary[name]["samples_per_s"] / summary["trainer"]["samples_per_s"]
              for name in args.only if name != "trainer" and "trainer" in summary}
     for name, r in ratio.items():

@@ -98,6 +98,7 @@ class TrainConfig:
     eval_start: float = 0.0  # fraction of the steps before evaluations begin; the last step is always evaluated
     eval_batch_size: int = 64
     length_grouping: bool = True  # batches of similar length: far less padding
+    pad_to_multiple_of: int = 8  # batch widths rounded up: fewer shapes, less CPU memory (1: the longest row)
     metric: str | None = None  # null: rmse (regression) or logloss (classification)
     seed: int = 42
     save_checkpoint: bool = True
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> None:
     need(t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}")
     need(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be at least 1, got {t.eval_batch_size}")
+    need(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", f"must be at least 1, got {t.pad_to_multiple_of}")
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     need(t.head_lr is None or t.head_lr > 0, "train.head_lr", f"must be positive, got {t.head_lr}")
     need(0 < t.llrd <= 1, "train.llrd", f"must be in (0, 1], got {t.llrd}")

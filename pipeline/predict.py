@@ -65,7 +65,7 @@ def run(cfg: Config, test_path: Path | None = None) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(device)
         total += predict_rows(model, enc, positions, cfg.data.task, device, precision,
-                              cfg.train.eval_batch_size, tokenizer.pad_token_id or 0)
+                              cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)
     frame = pd.DataFrame(total / len(checkpoints), columns=columns)
     frame.insert(0, cfg.data.id_column, test[cfg.data.id_column].to_numpy())
     out = cfg.run_dir / "test_predictions.csv"

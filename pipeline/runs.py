@@ -22,7 +22,7 @@ def load_run_config(run_dir: Path) -> Config:
 # Keys that say where or how fast a run executes, not what it computes: folds may be trained with them changed
 # (e.g. some folds on a CPU in bf16, the rest on a GPU in fp16).
 WHERE_KEYS = {"data.dir", "train.num_threads", "train.save_checkpoint", "train.device", "train.precision",
-              "model.attention", "model.fast_dropout"}
+              "model.attention", "model.fast_dropout", "train.pad_to_multiple_of"}
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

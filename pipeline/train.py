@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from pipeline import data as D
-from pipeline.config import Config, save_config
+from pipeline.config import Config, TrainConfig, save_config
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.io import read_json, save_torch_atomic, write_csv_atomic, write_json_atomic
@@ -140,13 +140,13 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, device: torch.device,
-            precision: str, batch_size: int, pad_id: int) -> np.ndarray:
+            precision: str, batch_size: int, pad_id: int, multiple: int = 1) -> np.ndarray:
     """Predictions for `positions`, returned in the order of `positions` whatever order batches ran in."""
     model.eval()
     out = np.zeros((len(positions), model.head.out.out_features), dtype=np.float64)
     where = {int(p): i for i, p in enumerate(positions)}
-    for batch in D.iterate(enc, [[int(positions[i]) for i in b]
-                                 for b in D.eval_batches(enc.lengths[positions], batch_size)], pad_id, device):
+    batches = [[int(positions[i]) for i in b] for b in D.eval_batches(enc.lengths[positions], batch_size)]
+    for batch in D.iterate(enc, batches, pad_id, device, multiple):
         with autocast(device, precision):
             logits = model(**batch.inputs)
         rows = [where[int(p)] for p in batch.positions]
@@ -187,6 +187,28 @@ def save_backbone_files(prep: Prepared, model_config) -> None:
         model_config.save_pretrained(out)
 
 
+@dataclass
+class StepPlan:
+    batches_per_epoch: int  # micro-batches
+    total_micro: int
+    total_steps: int  # optimizer steps: the schedule counts these
+    eval_steps: frozenset[int]
+
+
+def step_plan(t: TrainConfig, train_rows: int) -> StepPlan:
+    """How many steps a fold trains and after which optimizer steps it evaluates (always after the last).
+
+    Evaluations come every `eval_every` steps (0: twice per epoch) from `eval_start` of the way through: each one
+    costs as much as several training steps.
+    """
+    batches_per_epoch = math.ceil(train_rows / t.batch_size)
+    total_micro = max(1, round(batches_per_epoch * t.epochs))
+    total_steps = math.ceil(total_micro / t.grad_accum)
+    every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
+    evals = {s for s in range(every, total_steps + 1, every) if s >= t.eval_start * total_steps}
+    return StepPlan(batches_per_epoch, total_micro, total_steps, frozenset(evals | {total_steps}))
+
+
 def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool = True) -> dict:
     cfg, t, task = prep.cfg, prep.cfg.train, prep.cfg.data.task
     if fold not in set(prep.fold.tolist()):
@@ -216,14 +238,11 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                       "their extra terms are identically zero", stacklevel=2)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
-    batches_per_epoch = math.ceil(len(train_pos) / t.batch_size)
-    total_micro = max(1, round(batches_per_epoch * t.epochs))
-    total_steps = math.ceil(total_micro / t.grad_accum)
+    plan = step_plan(t, len(train_pos))
+    batches_per_epoch, total_micro, total_steps = plan.batches_per_epoch, plan.total_micro, plan.total_steps
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    eval_every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
-    first_eval = t.eval_start * total_steps  # each evaluation costs as much as several training steps
     pad_id = prep.tokenizer.pad_token_id or 0
     y_valid = metric_target(prep, valid_pos)
 
@@ -273,7 +292,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 if micro >= total_micro:
                     break
                 model.train()
-                batch = D.collate(prep.enc, train_pos[positions].tolist(), pad_id).to(device)
+                batch = D.collate(prep.enc, train_pos[positions].tolist(), pad_id, t.pad_to_multiple_of).to(device)
                 group = min(t.grad_accum, total_micro - (micro // t.grad_accum) * t.grad_accum)
                 with autocast(device, precision):
                     loss = training_loss(model, batch, task, t.rdrop)
@@ -298,11 +317,12 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 scheduler.step()
                 step += 1
                 bar.update(task_id, completed=step)
-                if (step % eval_every or step < first_eval) and step < total_steps:
+                if step not in plan.eval_steps:
                     continue
 
                 eval_started = time.time()
-                preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id)
+                preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id,
+                                t.pad_to_multiple_of)
                 if not np.isfinite(preds).all():
                     raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {step}")
                 value = score(cfg.metric, y_valid, preds)

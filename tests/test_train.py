@@ -182,6 +182,19 @@ def test_train_fold_applies_the_mean_gradient_of_each_steps_rows(tmp_path, tiny_
 # ---------------------------------------------------------------- (2) predictions are joined by id
 
 
+def test_batch_widths_round_up_to_the_multiple_but_never_past_max_length(tiny_backbone):
+    enc, pad_id = encoded(tiny_backbone, texts_of_many_lengths(60, seed=2), max_length=30)
+    assert enc.lengths.max() == 30 and enc.lengths.min() < 10
+    long_rows = [int(i) for i in np.flatnonzero(enc.lengths > 24)]  # widths 25-30: a multiple of 8 would be 32
+    for positions in ([int(np.argmin(enc.lengths))], list(range(60)), long_rows):
+        longest = int(enc.lengths[positions].max())
+        batch = D.collate(enc, positions, pad_id, multiple=8)
+        width = batch.inputs["input_ids"].shape[1]
+        assert width == min(-(-longest // 8) * 8, 30)
+        assert int(batch.inputs["attention_mask"].sum()) == int(enc.lengths[positions].sum())
+        assert D.collate(enc, positions, pad_id).inputs["input_ids"].shape[1] == longest
+
+
 def test_predict_returns_rows_in_the_order_of_positions(tiny_backbone, tmp_path):
     cfg = tiny_config(tmp_path, tiny_backbone, task="multiclass", classes=("a", "b", "c"), extra=NO_DROPOUT)
     texts = texts_of_many_lengths(40, seed=1)
@@ -198,6 +211,8 @@ def test_predict_returns_rows_in_the_order_of_positions(tiny_backbone, tmp_path)
     alone = np.concatenate([T.predict(model, enc, np.array([p]), "multiclass", cpu, "fp32", 1, pad_id)
                             for p in positions])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+    padded = T.predict(model, enc, positions, "multiclass", cpu, "fp32", 4, pad_id, multiple=8)
+    np.testing.assert_allclose(padded, alone, atol=1e-5)  # the extra padding is masked out
     np.testing.assert_allclose(together.sum(1), 1.0, atol=1e-6)
     # Rows differ enough that any reordering would be caught.
     by_length = np.argsort(-enc.lengths[positions], kind="stable")
