@@ -161,7 +161,9 @@ def collate(enc: Encoded, positions: list[int], pad_id: int, multiple: int = 1) 
     77 widths into 11, halve the peak memory and train a few percent faster (bench/compare_trainer.py --shapes).
     """
     longest = max(len(enc.input_ids[i]) for i in positions)
-    width = max(longest, min(-(-longest // multiple) * multiple, enc.max_length or longest))
+    width = -(-longest // multiple) * multiple
+    if enc.max_length:
+        width = max(longest, min(width, enc.max_length))
     ids = torch.full((len(positions), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(positions), width), dtype=torch.long)
     types = torch.zeros((len(positions), width), dtype=torch.long) if enc.token_type_ids is not None else None
