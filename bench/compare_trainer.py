@@ -458,26 +458,23 @@ def main() -> None:
     if args.summary:
         saved_runs(args.out)
         return
+
+    def save(name: str, result: dict) -> None:
+        (args.out / name).write_text(json.dumps({"machine": machine, **result}, indent=2))
+
     if args.shapes:
-        rows = run_shapes(args.data)
-        (args.out / "shapes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-        return
+        return save("shapes.json", {"rows": run_shapes(args.data)})
     if args.profile:
-        result = profile_steps(args.data)
-        (args.out / "profile.json").write_text(json.dumps({"machine": machine, **result}, indent=2))
-        return
+        return save("profile.json", profile_steps(args.data))
     if args.levers:
-        rows = run_levers(args.data)
-        (args.out / "levers.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-        return
+        return save("levers.json", {"rows": run_levers(args.data)})
     if args.scaling:
         rows = run_scaling(args.data)
         print(f"scaling ({machine}): rows, max_length, s/step, epoch s, linear-cost epoch s")
         for r in rows:
             print(f"{r['rows']:6d} {r['max_length']:4d} {r['s_per_step']:.3f} {r['epoch_s']:.0f} "
                   f"{r['linear_epoch_s']:.0f}")
-        (args.out / "scaling.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-        return
+        return save("scaling.json", {"rows": rows})
     order = []
     for i in range(args.repeats):
         order += args.only if i % 2 == 0 else args.only[::-1]
