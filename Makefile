@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= configs/commonlit_baseline.yaml
+# Without CONFIG, the CommonLit recipe: the technique report's best combination (configs/commonlit.yaml).
+CONFIG ?= configs/commonlit.yaml
 FOLD ?=
 # CommonLit configs fall back to ../shared/data/commonlit when inputs/commonlitreadabilityprize is absent.
 DATA ?= $(if $(findstring commonlit,$(CONFIG)),$(if $(wildcard inputs/commonlitreadabilityprize/train.csv),,$(wildcard ../shared/data/commonlit)))
@@ -69,6 +70,7 @@ SEEDS ?= 42
 # at 1 epoch (the baseline config trains 3). Its runs live in oof/report/, apart from full-length runs of the
 # same configs in oof/.
 REPORT_DIR ?= oof/report
+REPORT_OUT ?= reports/commonlit_techniques.md
 # The committed report was trained before batches were padded to multiples of 8 tokens (the default since): the
 # pin keeps its batch shapes, and so its dropout draws, so that `make report` reproduces it to the last digit.
 REPORT_SET ?= train.epochs=1 train.pad_to_multiple_of=1
@@ -78,7 +80,7 @@ REPORT_GRID = $(BIN)/pipeline grid --set output_dir=$(REPORT_DIR) $(ARGS) $(fore
 report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, 5 folds at SEEDS, the baseline also at BASELINE_SEEDS), then the report
 	$(REPORT_GRID) $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s))
 	$(if $(BASELINE_SEEDS),$(REPORT_GRID) configs/commonlit_baseline.yaml $(foreach s,$(BASELINE_SEEDS),--seed $(s)))
-	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --output-dir $(REPORT_DIR) --out reports/commonlit_techniques.md
+	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --output-dir $(REPORT_DIR) --out $(REPORT_OUT)
 
 BENCH_DATA = $(or $(DATA),inputs/commonlitreadabilityprize)
 EPOCHS ?= 3
@@ -95,5 +97,5 @@ bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (E
 	$(BENCH_RUN) --scaling
 	$(BENCH_RUN) --shapes
 
-bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline
-	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10
+bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline (SET=... for all)
+	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10 $(foreach s,$(SET),--set $(s))

