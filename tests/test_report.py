@@ -157,6 +157,8 @@ def test_report_renders(regression):
     assert sorted(table["experiment"]) == ["base", "better", "broken", "close"]
     assert set(table_rows(text)) == {"base", "better", "broken", "close"}
     assert "pipeline report test" in text and "metric rmse, lower is better" in text
+    # The baseline's dropout is in the header: reports of the same configs may differ only there.
+    assert "dropout (baseline): the checkpoint's, attention probabilities the checkpoint's" in text
     assert str(WRONG_SCORE) not in text and not np.isclose(table[["cv", "fold_mean"]], WRONG_SCORE).any()
 
 
