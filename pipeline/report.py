@@ -233,6 +233,15 @@ def _rate(dropout: float | None) -> str:
     return "the checkpoint's" if dropout is None else f"{dropout:g}"
 
 
+def dropouts(model) -> str:
+    """The dropout a run's backbone trained with, as the model applies the config (dropout 0 covers attention)."""
+    from pipeline.model import effective_dropout
+
+    hidden = effective_dropout(model)
+    attention = hidden if model.attention_dropout is None else model.attention_dropout
+    return f"dropout (baseline): {_rate(hidden)}, attention probabilities {_rate(attention)}"
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
@@ -348,8 +357,7 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
              f"- command: `{command}`",
              f"- dataset: {first.data.train_path} ({first.data.task}, target {', '.join(first.data.target_columns)}, "
              f"metric {metric}, {'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)",
-             f"- model: {first.model.backbone}; dropout (baseline): {_rate(first.model.dropout)}, attention "
-             f"probabilities {_rate(first.model.attention_dropout)}; folds: {first.data.n_folds}; seeds: {seeds}; "
+             f"- model: {first.model.backbone}; {dropouts(first.model)}; folds: {first.data.n_folds}; seeds: {seeds}; "
              f"precision: {', '.join(precisions)}",
              f"- training (baseline): {first.train.epochs:g} epoch(s), batch {first.train.batch_size}, lr "
              f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "

@@ -393,3 +393,16 @@ def test_seed_runs_of_one_row_must_differ_in_their_seed_only(tmp_path, second, s
     with pytest.raises(PipelineError) as err:
         R.collect(R.find_runs(["x"], Path(cfg.output_dir)), Path(cfg.output_dir))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({}, "dropout (baseline): the checkpoint's, attention probabilities the checkpoint's"),
+    ({"attention_dropout": 0.0}, "dropout (baseline): the checkpoint's, attention probabilities 0"),
+    ({"dropout": 0.0}, "dropout (baseline): 0, attention probabilities 0"),  # dropout 0 is every dropout
+    ({"mixout": 0.3}, "dropout (baseline): 0, attention probabilities 0"),  # mixout turns the backbone's off
+])
+def test_header_states_the_dropout_the_baseline_trained_with(keys, expected):
+    from pipeline.config import ModelConfig
+    from pipeline.report import dropouts
+
+    assert dropouts(ModelConfig(**keys)) == expected
