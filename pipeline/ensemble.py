@@ -16,7 +16,7 @@ from pipeline import data as D
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.io import write_csv_atomic, write_json_atomic
-from pipeline.metrics import LOWER_IS_BETTER, score
+from pipeline.metrics import LOWER_IS_BETTER, score, threshold_fields
 from pipeline.runs import load_run_config, read_predictions
 
 
@@ -89,7 +89,8 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
     blended.experiment, blended.output_dir = name, output_dir
     save_config(blended, out / "config.yaml")
     write_json_atomic(out / "ensemble.json", result)
-    write_json_atomic(out / "cv.json", {"experiment": name, "metric": first.metric, "cv": result["cv"]})
+    write_json_atomic(out / "cv.json", {"experiment": name, "metric": first.metric, "cv": result["cv"],
+                                        **threshold_fields(first.metric, first.data.task, y, blend)})
     return result
 
 

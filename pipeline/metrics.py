@@ -53,7 +53,7 @@ def f1(labels: np.ndarray, probs: np.ndarray) -> float:
     """Binary F1 of the positive class; macro F1 over classes when there are more than two."""
     probs = np.asarray(probs)
     average = "binary" if probs.shape[1] == 2 else "macro"
-    return float(skm.f1_score(labels, probs.argmax(axis=1), average=average))
+    return float(skm.f1_score(labels, probs.argmax(axis=1), average=average, zero_division=0.0))
 
 
 def auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -66,6 +66,61 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 METRIC_FUNCTIONS = {"rmse": rmse, "mcrmse": mcrmse, "mae": mae, "logloss": logloss,
                     "accuracy": accuracy, "f1": f1, "auc": auc}
+
+
+def best_constant(metric: str, y_train: np.ndarray, n_rows: int, n_outputs: int) -> tuple[np.ndarray, str]:
+    """The best prediction that ignores the text, fit on training labels: the floor a model must beat.
+
+    Returns `n_rows` copies of it (shaped like the model's predictions) and what it is, in words. Regression
+    targets are float arrays (n, targets); class labels are indices, predicted as probabilities.
+    """
+    if y_train.dtype.kind == "f":
+        if metric == "mae":
+            return np.tile(np.median(y_train, axis=0), (n_rows, 1)), "the training median"
+        return np.tile(y_train.mean(axis=0), (n_rows, 1)), "the training mean"
+    freq = np.bincount(y_train, minlength=n_outputs) / len(y_train)
+    if metric in ("logloss", "auc"):
+        return np.tile(freq, (n_rows, 1)), "the training class frequencies"
+    # Accuracy and macro F1: the majority class; binary F1 scores the positive class, so predicting it always.
+    positive = metric == "f1" and n_outputs == 2
+    chosen = 1 if positive else int(freq.argmax())
+    return np.tile(np.eye(n_outputs)[chosen], (n_rows, 1)), "always the positive class" if positive else \
+        "always the majority class"
+
+
+def tune_threshold(metric: str, labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """The binary decision threshold on the positive class's probability that maximizes F1 or accuracy.
+
+    Every distinct cut of the sorted probabilities is tried (so the result is never worse than 0.5's); among equal
+    scores the threshold nearest 0.5 wins. Returns (threshold, score at it). Tuned and scored on the same
+    predictions, the score is optimistic by the amount a threshold can overfit them.
+    """
+    p = np.asarray(probs, float)[:, 1]
+    y = np.asarray(labels)
+    order = np.argsort(-p, kind="stable")
+    p, y = p[order], y[order]
+    tp = np.concatenate([[0], np.cumsum(y == 1)])  # predicting the top i rows positive, i = 0..n
+    fp = np.arange(len(y) + 1) - tp
+    positives = int((y == 1).sum())
+    if metric == "f1":
+        values = np.divide(2 * tp, 2 * tp + fp + (positives - tp), out=np.zeros(len(tp)), where=tp > 0)
+    else:
+        values = (tp + (len(y) - positives - fp)) / len(y)
+    cuts = np.concatenate([[p[0] + 1e-6], p])  # cut i: probabilities >= cuts[i], the top i rows, are positive
+    whole = np.concatenate([[True], p[:-1] != p[1:], [True]])  # a cut inside tied probabilities is not one
+    values = np.where(whole, values, -np.inf)
+    best = values.max()
+    candidates = np.flatnonzero(values >= best - 1e-12)
+    chosen = candidates[np.argmin(np.abs(cuts[candidates] - 0.5))]
+    return float(cuts[chosen]), float(values[chosen])
+
+
+def threshold_fields(metric: str, task: str, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """cv.json's tuned threshold for a binary task scored on labels (`submit` applies it); else nothing."""
+    if task != "binary" or metric not in ("f1", "accuracy"):
+        return {}
+    threshold, value = tune_threshold(metric, labels, probs)
+    return {"threshold": threshold, "cv_at_threshold": value}
 
 
 def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -130,11 +131,39 @@ class DropoutHead(nn.Module):
         return self.out(dropped)
 
 
+class TargetScale(nn.Module):
+    """Regression targets in z-scores for training, predictions in the targets' own units.
+
+    The head starts near zero; targets that sit far from it (essay scores near 3, a mean of 50) would spend the
+    first epoch on learning the offset, with large gradients through the pretrained layers. The mean and std come
+    from the fold's training rows and are buffers, so every saved checkpoint predicts in the original units. The
+    identity (mean 0, std 1) for classification and with `model.target_scaling` other than standardize.
+    """
+
+    def __init__(self, outputs: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(outputs))
+        self.register_buffer("std", torch.ones(outputs))
+
+    def fit(self, targets: np.ndarray) -> None:
+        """Per target: the training rows' mean and std (1 where a target is constant)."""
+        std = targets.std(axis=0)
+        self.mean.copy_(torch.as_tensor(targets.mean(axis=0), dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(np.where(std > 1e-12, std, 1.0), dtype=self.std.dtype))
+
+    def normalize(self, targets: torch.Tensor) -> torch.Tensor:
+        return (targets - self.mean) / self.std
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean
+
+
 class TextModel(nn.Module):
     def __init__(self, backbone: PreTrainedModel, outputs: int, pooling: str = "mean", head: str = "linear",
                  head_dropout: float = 0.1, msd_samples: int = 5, msd_dropout: float = 0.5):
         super().__init__()
         self.backbone = backbone
+        self.target_scale = TargetScale(outputs)
         hidden = backbone.config.hidden_size
         self.pooling = pooling
         # DistilBERT and ModernBERT take no segment ids: a BERT-style tokenizer's are dropped, not an error.
@@ -157,11 +186,16 @@ class TextModel(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def sample_logits(self, **inputs) -> torch.Tensor:
-        """Logits of every dropout sample, (samples, batch, outputs), in float32 for the loss."""
+        """Logits of every dropout sample, (samples, batch, outputs), in float32 for the loss.
+
+        Regression outputs here are in the training scale (z-scores when targets are standardized): the loss
+        compares them with `target_scale.normalize(targets)`.
+        """
         return self.head(self.features(**inputs)).float()
 
     def forward(self, **inputs) -> torch.Tensor:
-        return self.sample_logits(**inputs).mean(0)
+        """Inference: logits, or regression predictions in the targets' units."""
+        return self.target_scale(self.sample_logits(**inputs).mean(0))
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
@@ -201,11 +235,21 @@ def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedCo
     return model, config
 
 
+def fit_target_scaling(model: TextModel, scaling: str, targets: np.ndarray) -> None:
+    """Set up a regression model for its fold's training targets (see TargetScale and model.target_scaling)."""
+    if scaling == "standardize":
+        model.target_scale.fit(targets)
+    elif scaling == "mean":
+        with torch.no_grad():
+            model.head.out.bias.copy_(torch.as_tensor(targets.mean(axis=0)))
+
+
 def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: dict) -> TextModel:
     """Rebuild a trained model from its run directory: no pretrained weights are read."""
     config = AutoConfig.from_pretrained(backbone_dir)
     model = _make(cfg, config, outputs, AutoModel.from_config(config))
-    model.load_state_dict(state)
+    scale = {k: v for k, v in model.state_dict().items() if k.startswith("target_scale.")}
+    model.load_state_dict({**scale, **state})  # checkpoints from before target scaling predict unscaled
     return model
 
 

@@ -10,7 +10,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.io import read_csv, read_json, write_csv_atomic, write_json_atomic
-from pipeline.metrics import score
+from pipeline.metrics import best_constant, score, threshold_fields
 
 
 def missing_folds(cfg: Config) -> list[int]:
@@ -45,7 +45,8 @@ def run(cfg: Config) -> dict:
     per_fold = {k: score(cfg.metric, y[fold == k], values[fold == k]) for k in range(cfg.data.n_folds)}
     result = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": score(cfg.metric, y, values),
               "folds": {str(k): v for k, v in per_fold.items()},
-              "baseline_mean": baseline_score(cfg, y, fold, len(columns)),
+              **threshold_fields(cfg.metric, cfg.data.task, y, values),
+              **constant_score(cfg, y, fold, len(columns)),
               "train_seconds": sum(read_json(cfg.run_dir / f"fold{k}" / "metrics.json")["train_seconds"]
                                    for k in range(cfg.data.n_folds))}
     write_csv_atomic(cfg.run_dir / "oof.csv", oof)
@@ -53,13 +54,9 @@ def run(cfg: Config) -> dict:
     return result
 
 
-def baseline_score(cfg: Config, y: np.ndarray, fold: np.ndarray, n_outputs: int) -> float:
-    """The score of predicting each fold's training mean (regression) or class frequencies: the floor."""
+def constant_score(cfg: Config, y: np.ndarray, fold: np.ndarray, n_outputs: int) -> dict:
+    """The score of the metric's best constant prediction, fit on each fold's training rows: the floor."""
     out = np.zeros((len(y), n_outputs))
     for k in range(cfg.data.n_folds):
-        train = y[fold != k]
-        if cfg.data.task == "regression":
-            out[fold == k] = train.mean(axis=0)
-        else:
-            out[fold == k] = np.bincount(train, minlength=n_outputs) / len(train)
-    return score(cfg.metric, y, out)
+        out[fold == k], name = best_constant(cfg.metric, y[fold != k], int((fold == k).sum()), n_outputs)
+    return {"constant": score(cfg.metric, y, out), "constant_is": name}

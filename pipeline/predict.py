@@ -24,6 +24,8 @@ from pipeline.train import resolve_device, resolve_precision
 
 # What the checkpoints compute depends on these; predicting with other values would silently change the answers.
 SHAPING_KEYS = ("data.text_columns", "data.max_length", "data.task", "data.target_columns", "data.classes")
+# Acts only in training: the checkpoint carries its effect (the target scale is in its buffers).
+TRAINING_ONLY = {"model.target_scaling"}
 
 
 def check_trained_like(cfg: Config) -> None:
@@ -31,7 +33,7 @@ def check_trained_like(cfg: Config) -> None:
     if not (cfg.run_dir / "config.yaml").exists():
         return  # nothing trained yet: the missing folds are named next
     saved = load_run_config(cfg.run_dir).to_dict()
-    changed = [(k, old, new) for k, old, new in differing_keys(saved, cfg.to_dict(), WHERE_KEYS)
+    changed = [(k, old, new) for k, old, new in differing_keys(saved, cfg.to_dict(), WHERE_KEYS | TRAINING_ONLY)
                if k.startswith("model.") or k in SHAPING_KEYS]
     if changed:
         listed = "; ".join(f"{k}: trained with {old!r}, asked for {new!r}" for k, old, new in changed)

@@ -21,7 +21,7 @@ from scipy import stats
 from pipeline import data as D
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, read_json, write_text_atomic
-from pipeline.metrics import LOWER_IS_BETTER, is_better, score
+from pipeline.metrics import LOWER_IS_BETTER, best_constant, is_better, score
 from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config
 
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
@@ -32,7 +32,7 @@ class Run:
     name: str
     seed: int
     fold_scores: dict[int, float]
-    mean_scores: dict[int, float]  # per fold: predicting the training mean / class frequencies
+    mean_scores: dict[int, float]  # per fold: the metric's best constant prediction
     cv: float
     train_seconds: list[float]
     peak_memory_mb: list[float]
@@ -84,10 +84,7 @@ def load_run(run_dir: Path) -> Run | str:
     for k in sorted(set(fold.tolist())):
         valid, rest = fold == k, fold != k
         fold_scores[k] = score(metric, y[valid], preds[valid])
-        if cfg.data.task == "regression":
-            floor = np.broadcast_to(y[rest].mean(axis=0), y[valid].shape)
-        else:
-            floor = np.tile(np.bincount(y[rest], minlength=preds.shape[1]) / rest.sum(), (int(valid.sum()), 1))
+        floor, _ = best_constant(metric, y[rest], int(valid.sum()), preds.shape[1])
         mean_scores[k] = score(metric, y[valid], floor)
     metrics = [read_json(run_dir / f"fold{k}" / "metrics.json") for k in range(cfg.data.n_folds)]
     logs = [pd.read_csv(run_dir / f"fold{k}" / "log.csv").assign(fold=k) for k in range(cfg.data.n_folds)]
@@ -376,9 +373,10 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
                      f"{r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     incomplete = [m for e in experiments.values() for m in e.incomplete]
     lines += ["", "Δ: the experiment's CV minus the baseline's, over the seeds both ran. Wins and both p-values: "
-              "paired (seed, fold) comparisons with the baseline. Failed runs: folds no better than predicting the "
-              "training mean. s / fold: training and evaluation time. Peak MB: peak GPU memory allocated, or on CPU "
-              "the process's resident peak during the fold, which includes what the CPU kernels (oneDNN) cache "
+              "paired (seed, fold) comparisons with the baseline. Failed runs: folds no better than the metric's "
+              "best constant prediction (for RMSE, the training mean). s / fold: training and evaluation time. "
+              "Peak MB: peak GPU memory allocated, or on CPU the process's resident peak during the fold, which "
+              "includes what the CPU kernels (oneDNN) cache "
               "from earlier folds of the same grid process.", "",
               f"![scores]({figures[0]})", "", f"![validation curves]({figures[1]})", "", "## Reading", ""]
     lines += reading(table, baseline, metric) or ["- Only the baseline is in this report."]

@@ -25,6 +25,11 @@ WHERE_KEYS = {"data.dir", "train.num_threads", "train.save_checkpoint", "train.d
               "model.attention", "model.fast_dropout", "train.pad_to_multiple_of"}
 
 
+# Keys added after runs were saved without them, with the value those runs computed with where it differs from
+# today's default: a saved config that lacks the key is compared with this value.
+COMPUTED_BEFORE = {"model.target_scaling": "none"}
+
+
 def _flat(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
@@ -50,7 +55,11 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return
-    changed = differing_keys(yaml.safe_load(path.read_text()) or {}, cfg.to_dict(), WHERE_KEYS)
+    saved = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in COMPUTED_BEFORE.items():
+        section, key = dotted.split(".")
+        saved.setdefault(section, {}).setdefault(key, value)
+    changed = differing_keys(saved, cfg.to_dict(), WHERE_KEYS)
     if changed:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise PipelineError(f"{path} was written by a run with other settings ({listed}). "

@@ -9,13 +9,34 @@ import pandas as pd
 
 from pipeline import data as D
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv_atomic
+from pipeline.io import read_json, write_csv_atomic
 from pipeline.runs import load_run_config, read_predictions
+
+LABEL_METRICS = ("f1", "accuracy")  # scored on labels; every other classification metric on probabilities
+
+
+def _labels(classes: list[str]) -> np.ndarray:
+    """Class names as the submission writes them: numbers where every name is one (0/1, not "0"/"1")."""
+    values = pd.to_numeric(pd.Series(classes), errors="coerce")
+    if values.notna().all():
+        return np.asarray([int(v) if float(v).is_integer() else float(v) for v in values], dtype=object)
+    return np.asarray(classes, dtype=object)
+
+
+def decide(probs: np.ndarray, classes: list[str], threshold: float = 0.5) -> np.ndarray:
+    """The predicted label of each row: the positive (second) class from `threshold` on (binary), else argmax."""
+    index = (probs[:, 1] >= threshold).astype(int) if len(classes) == 2 else probs.argmax(axis=1)
+    return _labels(classes)[index]
 
 
 def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, classes: list[str] | None,
-          sample_path: Path) -> pd.DataFrame:
-    """Fill sample_submission's columns from test predictions joined by id."""
+          sample_path: Path, metric: str | None = None, threshold: float = 0.5) -> pd.DataFrame:
+    """Fill sample_submission's columns from test predictions joined by id, in the form the metric scores.
+
+    Classification scored on labels (f1, accuracy) gets labels, the positive class from `threshold` on; scored on
+    probabilities (logloss, auc) it gets the probability of each class sample_submission names, or of the
+    positive class in a binary competition's single column.
+    """
     if id_col not in sample.columns:
         raise PipelineError(f"{sample_path}: no id column '{id_col}'; columns found: {', '.join(sample.columns)}")
     wanted = [c for c in sample.columns if c != id_col]
@@ -33,15 +54,22 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
                             f"{extra} predicted ids not in sample_submission)")
     rows = preds.loc[sample_ids]
     out = sample[[id_col]].copy()
+    labels = task != "regression" and metric in LABEL_METRICS
     if set(wanted) <= set(pred_cols):
-        for c in wanted:
-            out[c] = rows[c].to_numpy()
+        if labels:  # one column per class, scored on labels: a one-hot row
+            chosen = decide(rows[classes].to_numpy(), classes, threshold)
+            for c, name in zip(classes, _labels(classes)):
+                if c in wanted:
+                    out[c] = (chosen == name).astype(int)
+        else:
+            for c in wanted:
+                out[c] = rows[c].to_numpy()
     elif task != "regression" and len(wanted) == 1:
         probs = rows[classes].to_numpy()
-        if task == "binary" and pd.api.types.is_numeric_dtype(sample[wanted[0]]):
+        if task == "binary" and not labels and pd.api.types.is_numeric_dtype(sample[wanted[0]]):
             out[wanted[0]] = probs[:, 1]  # probability of the positive (second) class
         else:
-            out[wanted[0]] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+            out[wanted[0]] = decide(probs, classes, threshold)
     else:
         raise PipelineError(f"{sample_path}: sample_submission columns {wanted} do not match the predicted "
                             f"columns {pred_cols}")
@@ -50,14 +78,22 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
     return out
 
 
-def run(experiment: str, out: Path, output_dir: str = "oof") -> Path:
+def run(experiment: str, out: Path, output_dir: str = "oof", sample_path: Path | None = None) -> Path:
+    """Write the submission for an experiment's test predictions; `sample_path` overrides the config's."""
     run_dir = Path(output_dir) / experiment
     cfg = load_run_config(run_dir)
     preds = read_predictions(run_dir, "test_predictions.csv", f"pipeline predict for {experiment}",
                              cfg.data.id_column)
-    sample_path = cfg.data.sample_submission_path
+    sample_path = sample_path or cfg.data.sample_submission_path
     sample = D.read_table(sample_path, "sample_submission", [cfg.data.id_column], cfg.data.id_column)
     classes = None if cfg.data.task == "regression" else [c for c in preds.columns if c != cfg.data.id_column]
-    submission = build(preds, sample, cfg.data.id_column, cfg.data.task, classes, sample_path)
+    submission = build(preds, sample, cfg.data.id_column, cfg.data.task, classes, sample_path, cfg.metric,
+                       decision_threshold(run_dir))
     write_csv_atomic(Path(out), submission)
     return Path(out)
+
+
+def decision_threshold(run_dir: Path) -> float:
+    """The binary threshold tuned on the run's OOF predictions (cv.json), else 0.5."""
+    path = Path(run_dir) / "cv.json"
+    return float(read_json(path).get("threshold", 0.5)) if path.exists() else 0.5

@@ -29,7 +29,7 @@ from pipeline.folds import load_folds
 from pipeline.io import read_json, save_torch_atomic, write_csv_atomic, write_json_atomic
 from pipeline.losses import predictions, rdrop_consistency, task_loss
 from pipeline.metrics import is_better, score
-from pipeline.model import TextModel, build_model, encoder_layers, load_tokenizer, resolve_backbone
+from pipeline.model import TextModel, build_model, encoder_layers, fit_target_scaling, load_tokenizer, resolve_backbone
 from pipeline.regularization import active_dropout
 from pipeline.runs import check_same_config
 
@@ -156,11 +156,12 @@ def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, 
 
 def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:
     """The task loss averaged over dropout samples; with R-Drop, a doubled batch and the consistency term."""
+    targets = model.target_scale.normalize(batch.targets) if task == "regression" else batch.targets
     if rdrop <= 0:
-        return task_loss(task, model.sample_logits(**batch.inputs), batch.targets)
+        return task_loss(task, model.sample_logits(**batch.inputs), targets)
     doubled = {k: torch.cat([v, v]) for k, v in batch.inputs.items()}
     a, b = model.sample_logits(**doubled).chunk(2, dim=1)
-    return 0.5 * (task_loss(task, a, batch.targets) + task_loss(task, b, batch.targets)) \
+    return 0.5 * (task_loss(task, a, targets) + task_loss(task, b, targets)) \
         + rdrop * rdrop_consistency(task, a, b)
 
 
@@ -232,6 +233,8 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
     model, model_config = build_model(cfg.model, prep.outputs)
+    if task == "regression":
+        fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
     save_backbone_files(prep, model_config)
     if (t.rdrop > 0 or cfg.model.head == "msd") and not active_dropout(model):
         warnings.warn("R-Drop and Multi-Sample Dropout need dropout, but every dropout in this model is 0: "

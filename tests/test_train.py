@@ -16,7 +16,7 @@ from pipeline import oof as O
 from pipeline import train as T
 from pipeline.folds import load_folds
 from pipeline.metrics import score
-from pipeline.model import build_model, load_tokenizer, model_from_saved
+from pipeline.model import build_model, fit_target_scaling, load_tokenizer, model_from_saved
 from tests.conftest import WORDS, tiny_config
 
 BUILD_OPTIMIZER = T.build_optimizer
@@ -153,6 +153,7 @@ def test_train_fold_applies_the_mean_gradient_of_each_steps_rows(tmp_path, tiny_
     assert sorted(r for s in s_acc for r in s["rows"]) == np.flatnonzero(prep.fold != 0).tolist()
 
     model, _ = build_model(cfg_acc.model, 1)
+    fit_target_scaling(model, cfg_acc.model.target_scaling, prep.enc.targets[prep.fold != 0])  # as train_fold does
     for i, step in enumerate(s_acc):
         model.load_state_dict(step["params"], strict=False)
         model.zero_grad()
