@@ -111,8 +111,11 @@ def write_run(tmp_path: Path, name: str, oof_values: np.ndarray, fold: np.ndarra
 
 
 def truth(cfg) -> np.ndarray:
+    """Regression targets as read from the CSV (float64), class indices in data.classes order."""
     train = load_train(cfg)
-    return train[cfg.data.target_columns].to_numpy() if cfg.data.task == "regression" else train["label"].to_numpy()
+    if cfg.data.task == "regression":
+        return train[cfg.data.target_columns].to_numpy()
+    return train["label"].map({c: i for i, c in enumerate(cfg.data.classes)}).to_numpy()
 
 
 def test_ensemble_of_identical_oofs_equals_each_member(tmp_path):

@@ -336,7 +336,7 @@ def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny
     if task == "regression":
         rescored = score(metric, truth[["target"]].to_numpy(), valid[["target"]].to_numpy())
     else:
-        rescored = score(metric, truth["label"].to_numpy(), valid[["neg", "pos"]].to_numpy())
+        rescored = score(metric, (truth["label"] == "pos").to_numpy(int), valid[["neg", "pos"]].to_numpy())
     assert rescored == pytest.approx(metrics["score"], rel=1e-5)
     assert not (out / "state.pt").exists()  # the resume state goes once the fold is complete
 
