@@ -38,7 +38,7 @@ class DataConfig:
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     target_columns: list[str] = field(default_factory=lambda: ["target"])
     task: Literal["regression", "binary", "multiclass"] = "regression"
-    classes: list[str] | None = None  # classification labels in output order; null: sorted labels in train
+    classes: list[str] | None = None  # labels in output order; null: the training labels sorted (numbers as numbers)
     group_column: str | None = None  # rows sharing a group always land in the same fold
     n_folds: int = 5
     fold_bins: int = 10  # regression targets are binned into this many quantiles to stratify

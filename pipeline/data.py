@@ -54,15 +54,24 @@ def _check_ids_and_texts(df: pd.DataFrame, data: DataConfig, path: Path) -> None
 
 
 def class_names(cfg: Config, labels: pd.Series | None = None) -> list[str]:
+    """data.classes, else the training labels sorted: numerically when all are numbers (2 before 10)."""
     if cfg.data.classes is not None:
         return [str(c) for c in cfg.data.classes]
     if labels is None:
         raise PipelineError("data.classes is not set and no training labels were given to infer it from")
-    return sorted(labels.astype(str).unique().tolist())
+    names = labels.astype(str).unique().tolist()
+    try:
+        return sorted(names, key=lambda c: (float(c), c))
+    except ValueError:
+        return sorted(names)
 
 
 def load_train(cfg: Config) -> pd.DataFrame:
-    """The training table with its targets checked; classification labels become class indices in `label`."""
+    """The training table with its targets checked: regression targets as floats, class labels as text.
+
+    Class labels stay in their own column as written (it may be called `label`, or hold numbers): the class
+    names are inferred from it, and `target_array` turns it into class indices.
+    """
     data = cfg.data
     path = data.train_path
     df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns], data.id_column)
@@ -89,7 +98,7 @@ def load_train(cfg: Config) -> pd.DataFrame:
                                 f"{classes} does not list")
         if data.task == "binary" and len(classes) != 2:
             raise PipelineError(f"{path}: task 'binary' needs exactly 2 classes in '{col}', found {classes}")
-        df["label"] = labels.map({c: i for i, c in enumerate(classes)}).astype(int)
+        df[col] = labels
     return df.reset_index(drop=True)
 
 
@@ -102,10 +111,15 @@ def load_test(cfg: Config, path: Path | None = None) -> pd.DataFrame:
 
 
 def target_array(cfg: Config, df: pd.DataFrame) -> np.ndarray:
-    """Regression: float array (n, targets). Classification: int class indices (n,)."""
+    """Regression: float array (n, targets). Classification: int class indices (n,).
+
+    Without data.classes the classes are inferred from `df`'s labels: pass the whole training table.
+    """
     if cfg.data.task == "regression":
         return df[cfg.data.target_columns].to_numpy(dtype=np.float32)
-    return df["label"].to_numpy(dtype=np.int64)
+    labels = df[cfg.data.target_columns[0]].astype(str)
+    index = {c: i for i, c in enumerate(class_names(cfg, labels))}
+    return labels.map(index).to_numpy(dtype=np.int64)
 
 
 def prediction_columns(cfg: Config, classes: list[str] | None) -> list[str]:

@@ -15,7 +15,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.config import Config
-from pipeline.data import load_train
+from pipeline.data import load_train, target_array
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, write_csv_atomic
 
@@ -40,7 +40,7 @@ def assign_folds(df: pd.DataFrame, cfg: Config) -> np.ndarray:
         bins = np.stack([_bins(df[c].to_numpy(), min(d.fold_bins, n // d.n_folds or 1))
                          for c in d.target_columns], axis=1)
     else:
-        bins = df["label"].to_numpy()[:, None]
+        bins = target_array(cfg, df)[:, None]
     fold = np.full(n, -1, dtype=int)
     x = np.zeros((n, 1))
     if d.group_column:

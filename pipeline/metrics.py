@@ -41,7 +41,13 @@ def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-class log loss of the probabilities rescaled to sum to one per row, as Kaggle's scorer does.
+
+    Probabilities read back from a file or softmaxed in float32 are off by ~1e-7, which scikit-learn reports
+    in a warning on every call.
+    """
     probs = np.asarray(probs, float)
+    probs = probs / probs.sum(axis=1, keepdims=True)
     return float(skm.log_loss(labels, probs, labels=list(range(probs.shape[1]))))
 
 

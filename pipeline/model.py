@@ -227,8 +227,8 @@ def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedCo
     except (OSError, ValueError) as err:
         raise PipelineError(f"model.backbone: cannot load weights of '{cfg.backbone}' ({err})") from None
     reinit_top_layers(backbone, cfg.reinit_layers)
-    if cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns at every fold
+        getattr(backbone, "activation_checkpointing_enable", backbone.gradient_checkpointing_enable)()
     model = _make(cfg, config, outputs, backbone)
     if cfg.mixout > 0:
         apply_mixout(model.backbone, cfg.mixout)

@@ -150,7 +150,7 @@ def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, 
         with autocast(device, precision):
             logits = model(**batch.inputs)
         rows = [where[int(p)] for p in batch.positions]
-        out[rows] = predictions(task, logits.float()).cpu().numpy()
+        out[rows] = predictions(task, logits.cpu().double()).numpy()  # float64: probabilities sum to one
     return out
 
 
@@ -163,6 +163,23 @@ def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> 
     a, b = model.sample_logits(**doubled).chunk(2, dim=1)
     return 0.5 * (task_loss(task, a, targets) + task_loss(task, b, targets)) \
         + rdrop * rdrop_consistency(task, a, b)
+
+
+def optimizer_step(model: TextModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   max_grad_norm: float) -> bool:
+    """Clip, step and clear the gradients; False when the GradScaler skipped the step.
+
+    Under fp16 the scaler skips every step whose gradients hold an inf or NaN, finite loss or not, and halves
+    its scale: a lower scale after `update` is how a skipped step shows.
+    """
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale is None or scaler.get_scale() >= scale
 
 
 def metric_target(prep: Prepared, positions: np.ndarray) -> np.ndarray:
@@ -299,24 +316,18 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 group = min(t.grad_accum, total_micro - (micro // t.grad_accum) * t.grad_accum)
                 with autocast(device, precision):
                     loss = training_loss(model, batch, task, t.rdrop)
-                if not torch.isfinite(loss):
-                    if precision != "fp16":
-                        raise PipelineError(
-                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
-                            f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
-                    skipped += 1  # the GradScaler skips this step and lowers its scale
+                if not torch.isfinite(loss) and not scaler.is_enabled():  # fp16: the GradScaler skips the step
+                    raise PipelineError(
+                        f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
+                        f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
                 scaler.scale(loss / group).backward()
                 running_loss += loss.item()
                 running_n += 1
                 micro += 1
                 if micro % t.grad_accum and micro < total_micro:
                     continue
-                if t.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if not optimizer_step(model, optimizer, scaler, t.max_grad_norm):
+                    skipped += 1  # fp16 gradients overflowed: the GradScaler lowered its scale instead
                 scheduler.step()
                 step += 1
                 bar.update(task_id, completed=step)

@@ -14,6 +14,7 @@ from pipeline.cli import app
 from tests.conftest import tiny_config
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model gains nothing from more; the machine is shared
 
 CASES = {
     "regression": dict(task="regression"),
@@ -98,3 +99,33 @@ def test_ids_that_look_like_numbers_or_missing_values_stay_as_written(tmp_path, 
     sample = (data / "sample_submission.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in sub] == [line.split(",")[0] for line in sample]
     assert sub[1].startswith("00")  # e.g. 0060, not 60
+
+
+@pytest.mark.filterwarnings("error:The y_prob values do not sum to one")
+def test_numeric_labels_in_a_column_called_label(tmp_path, tiny_backbone):
+    """Eleven classes 0..10 in a column named `label`, data.classes null: predictions carry the classes in numeric
+    order and a one-column submission holds class labels. Class 10, the most frequent, comes first in no
+    text order, so a submission of indices or of string-sorted classes would name another class."""
+    cfg = tiny_config(tmp_path, tiny_backbone, task="multiclass", n=66,
+                      extra=["data.classes=null", "train.epochs=3", "train.lr=5e-3", "train.eval_every=3"])
+    cfg.experiment = "numeric"
+    data = tmp_path / "data"
+    train = pd.read_csv(data / "train.csv")
+    train["label"] = np.where(np.arange(66) < 33, 10, np.arange(66) % 10)  # half the rows are class 10
+    train.to_csv(data / "train.csv", index=False)
+    sample = pd.read_csv(data / "sample_submission.csv")[["id"]].assign(label=0)
+    sample.to_csv(data / "sample_submission.csv", index=False)
+    config = write_config(cfg, tmp_path / "numeric.yaml")
+    for stage in ("train", "oof", "predict"):
+        invoke(stage, config)
+    classes = [str(i) for i in range(11)]
+    run_dir = tmp_path / "oof" / "numeric"
+    oof = pd.read_csv(run_dir / "oof.csv")
+    test = pd.read_csv(run_dir / "test_predictions.csv")
+    assert oof.columns.tolist() == ["id", "fold", *classes] and test.columns.tolist() == ["id", *classes]
+    assert oof[classes].mean().idxmax() == "10"  # the model learned the most frequent class under its own name
+    invoke("submit", "numeric", "--out", tmp_path / "submission.csv", "--output-dir", tmp_path / "oof")
+    sub = pd.read_csv(tmp_path / "submission.csv", dtype={"label": str})
+    assert sub.columns.tolist() == ["id", "label"] and sub["id"].tolist() == sample["id"].tolist()
+    assert sub["label"].tolist() == test[classes].idxmax(axis=1).tolist()
+    assert sub["label"].value_counts().idxmax() == "10"

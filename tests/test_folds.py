@@ -23,6 +23,8 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 
 def data_config(**values) -> Config:
     cfg = Config()
+    if values.get("task", "regression") != "regression":
+        cfg.data.target_columns = ["label"]  # the label column of the classification tables below
     for key, value in values.items():
         setattr(cfg.data, key, value)
     return cfg

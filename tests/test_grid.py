@@ -3,6 +3,10 @@ config refused rather than reported with results it did not produce."""
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -26,6 +30,14 @@ def test_grid_trains_every_config_and_seed_then_skips_what_is_complete(grid):
     invoke("grid", *configs, "--seed", "42", "--seed", "7")
     runs = sorted(p.name for p in (grid / "oof").iterdir() if (p / "cv.json").exists())
     assert runs == ["exp", "exp-seed7", "fast", "fast-seed7"]  # seed 42 is the configs' own: no suffix
+    oof = {name: pd.read_csv(grid / "oof" / name / "oof.csv") for name in ("exp", "exp-seed7")}
+    assert yaml.safe_load((grid / "oof" / "exp-seed7" / "config.yaml").read_text())["train"]["seed"] == 7
+    assert np.abs(oof["exp-seed7"]["target"] - oof["exp"]["target"]).max() > 1e-3  # another seed, another model
+    invoke("train", grid / "exp.yaml", *sets("train.seed=7", "experiment=direct7"))  # seed 7 asked for directly
+    invoke("oof", grid / "exp.yaml", *sets("train.seed=7", "experiment=direct7"))
+    direct = pd.read_csv(grid / "oof" / "direct7" / "oof.csv")
+    np.testing.assert_allclose(oof["exp-seed7"]["target"], direct["target"], rtol=0, atol=1e-6)
+    shutil.rmtree(grid / "oof" / "direct7")
     before = snapshot(grid / "oof")
     invoke("grid", *configs, "--seed", "42", "--seed", "7")
     assert snapshot(grid / "oof") == before  # nothing retrained or rewritten

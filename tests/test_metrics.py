@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics as skm
 
 from pipeline import metrics as M
@@ -63,6 +64,19 @@ def test_logloss_with_a_class_absent_from_the_labels():
     p = probs(rng, 40, 3)
     expected = -np.mean(np.log(p[np.arange(40), y]))
     assert M.logloss(y, p) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("error")
+def test_logloss_of_float32_probabilities_warns_nothing_and_scores_them_rescaled():
+    """A float32 softmax sums to one within ~1e-7, outside scikit-learn's tolerance: Kaggle's scorer rescales each
+    row to sum to one, and so does ours (without a warning at every evaluation)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 11, size=200)
+    p = np.asarray(torch.softmax(torch.randn(200, 11) * 3, dim=-1), dtype=np.float64)
+    assert np.abs(p.sum(1) - 1).max() > 1e-8
+    exact = p / p.sum(1, keepdims=True)
+    assert M.logloss(y, p) == pytest.approx(-np.mean(np.log(exact[np.arange(200), y])), rel=1e-12)
+    assert M.logloss(y, 2 * p) == pytest.approx(M.logloss(y, p), rel=1e-12)
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from pipeline import oof as O
 from pipeline import train as T
 from pipeline.folds import load_folds
 from pipeline.metrics import score
-from pipeline.model import build_model, fit_target_scaling, load_tokenizer, model_from_saved
+from pipeline.model import build_model, encoder_layers, fit_target_scaling, load_tokenizer, model_from_saved
 from tests.conftest import WORDS, tiny_config
 
 BUILD_OPTIMIZER = T.build_optimizer
@@ -40,69 +41,12 @@ def encoded(backbone, texts: list[str], targets: np.ndarray | None = None, max_l
 # ---------------------------------------------------------------- (1) gradient accumulation
 
 
-def accumulate_and_step(model, optimizer, batches: list[D.Batch], cfg) -> list[torch.Tensor]:
-    """What train_fold does for one optimizer step: loss / group, backward per micro-batch, clip, step."""
-    model.train()
-    group = len(batches)
-    for batch in batches:
-        loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
-        (loss / group).backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-    if cfg.train.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grads
-
-
-@pytest.mark.parametrize("task", ["regression", "multiclass"])
-def test_grad_accum_equals_one_big_batch(tmp_path, tiny_backbone, task):
-    k, b = 3, 4
-    classes = ("a", "b", "c")
-    cfg = tiny_config(tmp_path, tiny_backbone, task=task, classes=classes, extra=NO_DROPOUT)
-    rng = np.random.default_rng(0)
-    texts = texts_of_many_lengths(k * b)
-    y = rng.normal(size=(k * b, 1)).astype(np.float32) if task == "regression" else rng.integers(0, 3, k * b)
-    enc, pad_id = encoded(tiny_backbone, texts, y)
-    outputs = 1 if task == "regression" else 3
-
-    torch.manual_seed(0)
-    big_model, _ = build_model(cfg.model, outputs)
-    assert T.active_dropout(big_model) == []
-    micro_model, original = copy.deepcopy(big_model), copy.deepcopy(big_model)
-    before = [p.detach().clone() for p in big_model.parameters()]
-
-    rows = rng.permutation(k * b).tolist()
-    big = accumulate_and_step(big_model, T.build_optimizer(big_model, cfg), [D.collate(enc, rows, pad_id)], cfg)
-    micro_batches = [D.collate(enc, rows[i * b:(i + 1) * b], pad_id) for i in range(k)]
-    micro = accumulate_and_step(micro_model, T.build_optimizer(micro_model, cfg), micro_batches, cfg)
-
-    for g_big, g_micro in zip(big, micro, strict=True):
-        torch.testing.assert_close(g_micro, g_big, rtol=1e-4, atol=1e-6)
-    moved = 0
-    # Adam's first step is lr * g / (|g| + eps): where a gradient is near eps, a rounding difference between
-    # the two summation orders moves the step visibly, so the parameters agree to a small fraction of lr.
-    for p0, p_big, p_micro in zip(before, big_model.parameters(), micro_model.parameters(), strict=True):
-        torch.testing.assert_close(p_micro, p_big, rtol=0, atol=cfg.train.lr / 50)
-        moved += int(not torch.equal(p0, p_big))
-    assert moved > 10  # the step did change the model
-
-    # The comparison can tell: micro-batch losses summed without dividing by the group give k times the gradient.
-    undivided = copy.deepcopy(original)
-    undivided.train()
-    for batch in micro_batches:
-        T.training_loss(undivided, batch, cfg.data.task, cfg.train.rdrop).backward()
-    head = [i for i, (name, _) in enumerate(undivided.named_parameters()) if name == "head.out.weight"][0]
-    wrong = undivided.head.out.weight.grad
-    torch.testing.assert_close(wrong, k * big[head], rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(wrong, big[head], rtol=1e-4, atol=1e-6)
-
-
 def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
     """Patch train_fold's optimizer and loss so every optimizer step records what it applies.
 
-    Each step records the training rows (positions) of its micro-batches and, with keep_grads, the parameters
-    just before the step and the gradients the step applies, by parameter name.
+    Each step records the training rows (positions) of its micro-batches, the learning rate it applies (the
+    highest of the groups) and, with keep_grads, the parameters just before the step and the gradients the step
+    applies, by parameter name.
     """
     steps, rows = [], []
     loss = T.training_loss
@@ -115,7 +59,7 @@ def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
         optimizer = BUILD_OPTIMIZER(model, cfg)
 
         def hook(opt, args, kwargs):
-            step = {"rows": list(rows)}
+            step = {"rows": list(rows), "lr": max(g["lr"] for g in opt.param_groups)}
             rows.clear()
             if keep_grads:
                 step["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -178,6 +122,37 @@ def test_train_fold_applies_the_mean_gradient_of_each_steps_rows(tmp_path, tiny_
     state_acc = torch.load(cfg_acc.run_dir / "fold0" / "model.pt")
     for key in state_big:
         torch.testing.assert_close(state_acc[key], state_big[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["regression", "multiclass"])
+def test_grad_accum_with_clipping_trains_like_one_big_batch(tmp_path, tiny_backbone, monkeypatch, task):
+    """train_fold at batch 16 and at batch 4 x grad_accum 4, clipping on at a norm every step exceeds: the same
+    rows per optimizer step (no length grouping: both runs cut the same seeded permutation), the same model."""
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(
+        float(clip(params, max_norm))))
+    common = NO_DROPOUT + ["train.length_grouping=false", "train.max_grad_norm=0.05", "train.eval_every=1",
+                           "train.lr=3e-3"]
+    runs = {}
+    for name, batch, accum in [("big", 16, 1), ("accum", 4, 4)]:
+        steps = record_steps(monkeypatch, keep_grads=False)
+        norms.clear()
+        cfg = tiny_config(tmp_path, tiny_backbone, task=task, classes=("a", "b", "c"),
+                          extra=common + [f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                                          f"experiment={name}"])
+        metrics = T.run(cfg, folds=[0], progress=False)[0]
+        runs[name] = (cfg.run_dir / "fold0", [s["rows"] for s in steps])
+        assert metrics["steps"] == 3  # 40 rows: 16 + 16 + 8
+        assert len(norms) == 3 and min(norms) > 0.05 * 3, norms  # every step clipped, by a wide margin
+    (big, rows_big), (acc, rows_acc) = runs["big"], runs["accum"]
+    assert rows_acc == rows_big and [len(r) for r in rows_big] == [16, 16, 8]
+    state_big, state_acc = torch.load(big / "model.pt"), torch.load(acc / "model.pt")
+    for key in state_big:
+        torch.testing.assert_close(state_acc[key], state_big[key], rtol=1e-4, atol=1e-5, msg=key)
+    preds_big, preds_acc = pd.read_csv(big / "valid_predictions.csv"), pd.read_csv(acc / "valid_predictions.csv")
+    assert preds_acc["id"].tolist() == preds_big["id"].tolist()
+    np.testing.assert_allclose(preds_acc.drop(columns="id"), preds_big.drop(columns="id"), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- (2) predictions are joined by id
@@ -275,6 +250,46 @@ def test_oof_rows_are_the_fold_predictions_joined_by_id(tmp_path, tiny_backbone)
     assert result["cv"] == pytest.approx(score("rmse", y, oof["target"].to_numpy()), rel=1e-6)
 
 
+COLOURS = set(WORDS[18:])  # red, green, ..., dark: the target is the share of these words in a text
+
+
+def colour_share(text: str) -> float:
+    words = text.split()
+    return sum(w in COLOURS for w in words) / len(words)
+
+
+def test_a_tiny_model_learns_from_batches_that_carry_their_own_rows_targets(tmp_path, tiny_backbone, monkeypatch):
+    """The target is a function of the text and the ids run in another order than the file: every training batch
+    pairs each text with its own target, and three folds of training beat predicting the training mean."""
+    rng = np.random.default_rng(3)
+    is_colour = np.isin(WORDS, sorted(COLOURS))
+    texts = []
+    for q in rng.uniform(0.05, 0.95, size=90):  # q: how likely each word is a colour
+        weights = np.where(is_colour, q, 1 - q)
+        texts.append(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)), p=weights / weights.sum())))
+    data = tmp_path / "colours"
+    data.mkdir()
+    pd.DataFrame({"id": [f"c{i:03d}" for i in rng.permutation(90)], "text": texts,
+                  "target": [colour_share(t) for t in texts]}).to_csv(data / "train.csv", index=False)
+    cfg = use_dataset(tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + ["train.epochs=4", "train.lr=3e-3"]),
+                      data, "colours")
+    seen, loss = [], T.training_loss
+
+    def recording_loss(model, batch, task, rdrop):
+        seen.append(batch)
+        return loss(model, batch, task, rdrop)
+
+    monkeypatch.setattr(T, "training_loss", recording_loss)
+    T.run(cfg, progress=False)
+    tokenizer = load_tokenizer(tiny_backbone)
+    pairs = [(colour_share(tokenizer.decode(ids, skip_special_tokens=True)), float(target))
+             for batch in seen for ids, target in zip(batch.inputs["input_ids"].tolist(), batch.targets[:, 0])]
+    assert len(pairs) == 3 * 4 * 60  # every training row of every fold and epoch
+    np.testing.assert_allclose(*zip(*pairs), atol=1e-6)
+    result = O.run(cfg)
+    assert result["cv"] < 0.6 * result["constant"], result
+
+
 # ---------------------------------------------------------------- (3) the schedule counts optimizer steps
 
 
@@ -302,25 +317,53 @@ def test_schedule_counts_optimizer_steps(tmp_path, tiny_backbone, monkeypatch, e
     np.testing.assert_allclose(log["epoch"].iloc[-1], micro_batches / 5, atol=1e-3)
 
 
+@pytest.mark.parametrize("scheduler, lrs", [  # the rate after each of 5 steps, one of them warmup
+    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("cosine", [1.0, 0.853553, 0.5, 0.146447, 0.0]),  # half a cosine period after the warmup
+    ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),  # transformers' `constant` has no warmup
+])
+def test_the_learning_rate_follows_the_schedule(tmp_path, tiny_backbone, monkeypatch, scheduler, lrs):
+    steps = record_steps(monkeypatch, keep_grads=False)
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + [
+        f"train.scheduler={scheduler}", "train.warmup_ratio=0.2", "train.eval_every=1", "train.lr=2e-3"])
+    T.run(cfg, folds=[0], progress=False)
+    log = pd.read_csv(cfg.run_dir / "fold0" / "log.csv")
+    np.testing.assert_allclose(log["lr"], np.array(lrs) * 2e-3, rtol=1e-5, atol=1e-12)
+    # The optimizer applies the rate of the step before: the warmup's first step has none.
+    applied = [0.0 if scheduler != "constant" else 1.0, *lrs[:-1]]
+    np.testing.assert_allclose([s["lr"] for s in steps], np.array(applied) * 2e-3, rtol=1e-5, atol=1e-12)
+
+
+def test_head_lr_is_the_rate_of_the_head_and_pooling_only(tmp_path, tiny_backbone):
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=["train.head_lr=2e-2", "train.lr=1e-3", "train.llrd=0.8",
+                                                      "model.pooling=attention"])
+    model, _ = build_model(cfg.model, 1)
+    optimizer = T.build_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    head = {name: lr_of[id(p)] for name, p in model.named_parameters() if not name.startswith("backbone.")}
+    assert {n.split(".")[0] for n in head} == {"head", "attention_pool"} and set(head.values()) == {2e-2}
+    backbone = {lr_of[id(p)] for name, p in model.named_parameters() if name.startswith("backbone.")}
+    assert max(backbone) == pytest.approx(1e-3) and min(backbone) == pytest.approx(1e-3 * 0.8**2)
+
+
 # ---------------------------------------------------------------- (4) log.csv and metrics.json
 
 
-@pytest.mark.parametrize("task, metric, extra", [
-    ("regression", "rmse", ["train.eval_every=2"]),
-    ("regression", "rmse", ["train.eval_every=2", "train.eval_start=0.5"]),  # evaluations from step 7.5 on
-    ("binary", "auc", ["train.metric=auc", "train.eval_every=3", "train.lr=5e-3"]),  # higher is better
+@pytest.mark.parametrize("task, metric, extra, evaluated", [  # 40 rows, batches of 8, 3 epochs: 15 steps
+    ("regression", "rmse", ["train.eval_every=2"], [2, 4, 6, 8, 10, 12, 14, 15]),  # and always the last
+    ("regression", "rmse", ["train.eval_every=2", "train.eval_start=0.5"], [8, 10, 12, 14, 15]),  # from 7.5 on
+    ("regression", "rmse", ["train.eval_every=0"], [3, 6, 9, 12, 15]),  # twice per 5-step epoch: every 3
+    ("binary", "auc", ["train.metric=auc", "train.eval_every=4", "train.lr=5e-3"], [4, 8, 12, 15]),  # higher wins
 ])
-def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny_backbone, task, metric, extra):
+def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny_backbone, task, metric, extra,
+                                                                   evaluated):
     cfg = tiny_config(tmp_path, tiny_backbone, task=task, extra=NO_DROPOUT + extra + ["train.epochs=3"])
     use_dataset(cfg, many_length_dataset(tmp_path, n=60, binary=task == "binary"), "balanced")
     metrics = T.run(cfg, folds=[0], progress=False)[0]
     out = cfg.run_dir / "fold0"
     log = pd.read_csv(out / "log.csv")
-    total, every = metrics["steps"], cfg.train.eval_every
-    assert total == 15  # 40 rows, batches of 8, 3 epochs
-    start = cfg.train.eval_start * total
-    expected_steps = sorted({*(s for s in range(every, total + 1, every) if s >= start), total})
-    assert log["step"].tolist() == expected_steps
+    assert metrics["steps"] == 15
+    assert log["step"].tolist() == evaluated
     assert {"step", "epoch", "lr", "train_loss", metric, "eval_s", "elapsed_s"} <= set(log.columns)
     between = log["elapsed_s"].diff().fillna(log["elapsed_s"])  # an evaluation is part of the time since the last
     assert (log["eval_s"] >= 0).all() and (log["eval_s"] <= between + 0.01).all()
@@ -337,7 +380,7 @@ def test_log_has_one_row_per_evaluation_and_metrics_keep_the_best(tmp_path, tiny
     if task == "regression":
         rescored = score(metric, truth[["target"]].to_numpy(), valid[["target"]].to_numpy())
     else:
-        rescored = score(metric, truth["label"].to_numpy(), valid[["neg", "pos"]].to_numpy())
+        rescored = score(metric, (truth["label"] == "pos").to_numpy(int), valid[["neg", "pos"]].to_numpy())
     assert rescored == pytest.approx(metrics["score"], rel=1e-5)
     assert not (out / "state.pt").exists()  # the resume state goes once the fold is complete
 
@@ -400,3 +443,82 @@ def test_training_a_finished_fold_again_marks_it_unfinished_until_done(tmp_path,
         T.run(cfg, folds=[0], progress=False)
     assert not (fold0 / "metrics.json").exists() and not (fold0 / "valid_predictions.csv").exists()
     assert 0 in O.missing_folds(cfg)
+
+
+# ---------------------------------------------------------------- (5) what a switch or a counter promises
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(tmp_path, tiny_backbone, monkeypatch):
+    calls = []
+    build = T.build_model
+
+    def counting_layers(cfg, outputs):
+        model, config = build(cfg, outputs)
+        for layer in encoder_layers(model.backbone):  # backward's replay of a layer runs its first part again
+            next(layer.children()).register_forward_hook(lambda module, args, out: calls.append(module.training))
+        return model, config
+
+    monkeypatch.setattr(T, "build_model", counting_layers)
+    runs = {}
+    for checkpointing in (False, True):
+        calls.clear()
+        cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + [
+            f"model.gradient_checkpointing={str(checkpointing).lower()}", f"experiment=gc_{checkpointing}"])
+        T.run(cfg, folds=[0], progress=False)
+        runs[checkpointing] = (sum(calls), cfg.run_dir / "fold0")  # layer passes in training mode
+    (plain_passes, plain), (gc_passes, gc) = runs[False], runs[True]
+    assert plain_passes == 2 * 5 and gc_passes == 2 * plain_passes  # 2 layers, 5 steps; recomputed in backward
+    for name in ("log.csv", "valid_predictions.csv"):
+        a, b = pd.read_csv(plain / name), pd.read_csv(gc / name)
+        np.testing.assert_allclose(b.select_dtypes("number").drop(columns=["eval_s", "elapsed_s"], errors="ignore"),
+                                   a.select_dtypes("number").drop(columns=["eval_s", "elapsed_s"], errors="ignore"),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def overflowing_step(scaler: torch.amp.GradScaler, model: torch.nn.Module, optimizer, loss_scale: float) -> bool:
+    loss = model(torch.ones(1, 4)).sum() * loss_scale  # finite: only its gradients overflow once scaled
+    assert torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    return T.optimizer_step(model, optimizer, scaler, max_grad_norm=1.0)
+
+
+def test_a_step_the_grad_scaler_skips_is_counted_though_its_loss_is_finite():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    before = model.weight.detach().clone()
+    assert overflowing_step(scaler, model, optimizer, 1e30) is False  # 1e30 * 2**100: inf gradients
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 2.0**99
+    assert overflowing_step(scaler, model, optimizer, 1.0) is True
+    assert not torch.equal(model.weight, before)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # fp32 and bf16: every step is taken
+    assert overflowing_step(disabled, model, optimizer, 1.0) is True
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler:UserWarning")  # torch: the 1st step was skipped
+def test_skipped_steps_are_the_steps_the_grad_scaler_skipped(tmp_path, tiny_backbone, monkeypatch):
+    scalers, grad_scaler = [], torch.amp.GradScaler
+
+    def huge_scale(device, enabled):  # fp16's scaler on the CPU, starting at a scale the gradients overflow
+        scalers.append(grad_scaler(device, init_scale=2.0**126))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", huge_scale)
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + ["train.epochs=2"])
+    metrics = T.run(cfg, folds=[0], progress=False)[0]
+    halvings = round(math.log2(2.0**126 / scalers[0].get_scale()))  # one per skipped step; 10 steps cannot grow it
+    assert metrics["skipped_steps"] == halvings > 0
+    assert np.isfinite(pd.read_csv(cfg.run_dir / "fold0" / "log.csv")["train_loss"]).all()
+
+
+def test_a_multiclass_log_loss_evaluation_prints_no_warning(tmp_path, tiny_backbone):
+    cfg = tiny_config(tmp_path, tiny_backbone, task="multiclass", classes=("a", "b", "c"),
+                      extra=NO_DROPOUT + ["train.eval_every=1"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sum to one")  # scikit-learn's, at every evaluation
+        T.run(cfg, progress=False)
+        result = O.run(cfg)
+    assert cfg.metric == "logloss" and np.isfinite(result["cv"])
+    preds = pd.read_csv(cfg.run_dir / "oof.csv")[["a", "b", "c"]]
+    np.testing.assert_allclose(preds.sum(axis=1), 1.0, rtol=0, atol=1e-12)
