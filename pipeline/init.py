@@ -223,7 +223,15 @@ def infer(data_dir: Path, name: str, overrides: dict, backbone: str) -> Inferred
     else:
         skip = {id_col, *out.values["target_columns"], *sample.columns}
         infer_texts(train, test, skip, out, paths["train"])
-    infer_max_length(train, out.values["text_columns"], backbone, out)
+    if "max_length" not in overrides:
+        infer_max_length(train, out.values["text_columns"], backbone, out)
+    for key, value in overrides.items():  # every key given is written as given; load_config checks it
+        out.set(key, value, "given")
+    task = out.values.get("task", "regression")
+    if task == "regression" and "classes" not in overrides:
+        out.values.pop("classes", None)  # inferred for a classification the user overrode
+    if task in METRICS and out.metric not in METRICS[task]:
+        out.metric, out.metric_comment = METRICS[task][0], f"the default for task '{task}'"
     return out
 
 

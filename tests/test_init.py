@@ -172,6 +172,18 @@ def test_init_settles_a_key_given_with_set_and_never_overwrites(tmp_path):
     assert (tmp_path / "configs" / "essays.yaml").read_text() == before
 
 
+def test_every_key_given_with_set_is_written_and_checked(tmp_path):
+    folder = tweets(tmp_path / "tweets")
+    init(folder, tmp_path, "--set", "data.n_folds=3", "--set", "data.task=regression", "--set", "data.max_length=96")
+    written = data_section(tmp_path, "tweets")
+    assert written["data"]["n_folds"] == 3 and written["data"]["max_length"] == 96
+    assert written["data"]["task"] == "regression" and written["train"]["metric"] == "rmse"
+    assert "classes" not in written["data"]
+    result = init(tmp_path / "tweets", tmp_path, "--name", "typo", "--set", "data.n_fold=3", code=1)
+    assert "data.n_fold" in result.output and "data.n_folds" in result.output
+    assert not (tmp_path / "configs" / "typo.yaml").exists()
+
+
 def test_two_id_candidates_name_both_and_the_key(tmp_path):
     folder = tweets(tmp_path / "tweets")
     for name in ("train.csv", "test.csv", "sample_submission.csv"):
