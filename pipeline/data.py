@@ -59,7 +59,12 @@ def class_names(cfg: Config, labels: pd.Series | None = None) -> list[str]:
         return [str(c) for c in cfg.data.classes]
     if labels is None:
         raise PipelineError("data.classes is not set and no training labels were given to infer it from")
-    names = labels.astype(str).unique().tolist()
+    return sorted_labels(labels)
+
+
+def sorted_labels(labels: pd.Series) -> list[str]:
+    """Distinct labels as text, in numeric order when every one is a number (2 before 10)."""
+    names = labels.dropna().astype(str).unique().tolist()
     try:
         return sorted(names, key=lambda c: (float(c), c))
     except ValueError:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import METRICS, load_config
+from pipeline.data import sorted_labels
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, write_text_atomic
 
@@ -69,15 +70,6 @@ def _is_integral(values: pd.Series) -> bool:
     return bool(numbers.notna().all() and np.all(np.mod(numbers, 1) == 0))
 
 
-def _class_order(values: pd.Series) -> list[str]:
-    """Distinct labels as text, in numeric order when every one is a number."""
-    names = values.dropna().astype(str).unique().tolist()
-    numbers = pd.to_numeric(pd.Series(names), errors="coerce")
-    if numbers.notna().all():
-        return [n for _, n in sorted(zip(numbers, names))]
-    return sorted(names)
-
-
 def _label_text(names: list[str]) -> list[str]:
     """Labels read back from a CSV as floats (1.0) are written as the integers they are."""
     numbers = pd.to_numeric(pd.Series(names), errors="coerce")
@@ -98,7 +90,7 @@ def infer_targets(train: pd.DataFrame, test: pd.DataFrame | None, sample: pd.Dat
     else:
         # One probability column per class: a train column whose values are sample_submission's column names.
         label = [c for c in train.columns if c != id_col and (test is None or c not in test.columns)
-                 and set(_label_text(_class_order(train[c]))) == {str(w) for w in wanted}]
+                 and set(_label_text(sorted_labels(train[c]))) == {str(w) for w in wanted}]
         if len(label) != 1:
             holders = f"the train columns {label} all hold" if label else "no train column holds"
             raise PipelineError(f"init: sample_submission's columns {wanted} are not train columns, and {holders} "
@@ -127,7 +119,7 @@ def infer_targets(train: pd.DataFrame, test: pd.DataFrame | None, sample: pd.Dat
         out.metric = "mcrmse" if len(targets) > 1 else "rmse"
         out.metric_comment = "the usual metric for " + ("several targets" if len(targets) > 1 else "one target")
         return
-    classes = _label_text(_class_order(first))
+    classes = _label_text(sorted_labels(first))
     task = "binary" if len(classes) == 2 else "multiclass"
     hint = "" if task == "binary" or not integral else "; an ordinal score (e.g. QWK) may train better as regression"
     out.set("task", task, f"{len(classes)} distinct labels in '{targets[0]}'{hint}")
