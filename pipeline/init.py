@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.config import METRICS, load_config
 from pipeline.data import sorted_labels
@@ -33,7 +34,7 @@ class Inferred:
     comments: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # comment lines above the section
     metric: str = "rmse"
-    metric_comment: str = ""
+    metric_comment: str = "the task's default"
 
     def set(self, key: str, value, comment: str) -> None:
         self.values[key], self.comments[key] = value, comment
@@ -125,8 +126,8 @@ def infer_targets(train: pd.DataFrame, test: pd.DataFrame | None, sample: pd.Dat
     out.set("task", task, f"{len(classes)} distinct labels in '{targets[0]}'{hint}")
     out.set("classes", classes, "output order: " + ("numeric" if integral else "sorted"))
     placeholder = sample[wanted[0]]
-    labels = not pd.api.types.is_float_dtype(placeholder) or _is_integral(placeholder) and \
-        set(_label_text(placeholder.astype(str).unique().tolist())) <= set(classes)
+    labels = not pd.api.types.is_float_dtype(placeholder) or (
+        _is_integral(placeholder) and set(_label_text(placeholder.astype(str).unique().tolist())) <= set(classes))
     if task == "binary":
         out.metric = "f1" if labels else "logloss"
         out.metric_comment = ("sample_submission holds labels" if labels else
@@ -201,13 +202,9 @@ def infer(data_dir: Path, name: str, overrides: dict, backbone: str) -> Inferred
             raise PipelineError(f"{paths[role]}: no column '{id_col}' (data.id_column); columns found: "
                                 f"{', '.join(map(str, df.columns))}")
     out.set("id_column", id_col, "in every file, distinct in each" if "id_column" not in overrides else "given")
-    for df in (train, sample, *([test] if test is not None else [])):
-        df[id_col] = df[id_col].astype(str)
-    if "target_columns" in overrides:
+    if "target_columns" in overrides:  # the task too is written as given below, when it is given
         out.set("target_columns", overrides["target_columns"], "given")
-        out.set("task", overrides.get("task", "regression"), "given" if "task" in overrides else "the default")
-        out.metric = "rmse" if out.values["task"] == "regression" else "logloss"
-        out.metric_comment = "the task's default"
+        out.set("task", "regression", "the default")
     else:
         infer_targets(train, test, sample, id_col, out, paths["sample"])
     if "text_columns" in overrides:
@@ -228,16 +225,8 @@ def infer(data_dir: Path, name: str, overrides: dict, backbone: str) -> Inferred
 
 
 def _yaml_value(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
-    if isinstance(value, (int, float)):
-        return str(value)
-    text = str(value)
-    plain = text and text.replace("_", "").replace("-", "").replace("/", "").replace(".", "").isalnum() and \
-        not text[0].isdigit() and text.lower() not in ("null", "true", "false", "yes", "no", "on", "off")
-    return text if plain else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """One value in YAML's flow style, quoted where YAML would read it otherwise."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n").removesuffix("\n...")
 
 
 def render(out: Inferred, data_dir: Path, backbone: str) -> str:

@@ -184,6 +184,14 @@ def test_every_key_given_with_set_is_written_and_checked(tmp_path):
     assert not (tmp_path / "configs" / "typo.yaml").exists()
 
 
+def test_targets_given_by_hand_skip_the_target_inference(tmp_path):
+    folder = essays(tmp_path / "essays")
+    init(folder, tmp_path, "--set", "data.target_columns=[cohesion]")
+    written = data_section(tmp_path, "essays")
+    assert written["data"]["target_columns"] == ["cohesion"] and written["data"]["task"] == "regression"
+    assert written["data"]["text_columns"] == ["full_text"] and written["train"]["metric"] == "rmse"
+
+
 def test_two_id_candidates_name_both_and_the_key(tmp_path):
     folder = tweets(tmp_path / "tweets")
     for name in ("train.csv", "test.csv", "sample_submission.csv"):
