@@ -13,7 +13,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble report bench bench-cost
+.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,17 @@ submit: setup ## Submission CSV: make submit EXPERIMENT=name
 ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend
 	$(BIN)/pipeline ensemble $(EXPERIMENTS) --name $(or $(NAME),ensemble)
 
+# The Kaggle kit of an experiment or blend (default: the recipe's), then its kernel run offline as Kaggle runs it.
+KIT_EXPERIMENT = $(or $(EXPERIMENT),$(basename $(notdir $(CONFIG))))
+# The competition slug defaults to the data folder's name; the recipe's data may sit in ../shared/data/commonlit.
+COMPETITION ?= $(if $(findstring commonlit,$(KIT_EXPERIMENT)),commonlitreadabilityprize)
+package: setup ## Kaggle kit: make package [EXPERIMENT=name] [DATASET=owner/slug] [COMPETITION=slug] [WEIGHTS=fp16]
+	$(BIN)/pipeline package $(KIT_EXPERIMENT) $(if $(DATASET),--dataset $(DATASET)) \
+		$(if $(COMPETITION),--competition $(COMPETITION)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+rehearse: setup ## Run build/kaggle's kernel offline with only Kaggle's image packages: make rehearse [DATA=dir]
+	$(BIN)/pipeline rehearse build/kaggle $(if $(DATA),--data $(DATA))
+
 REPORT_CONFIGS ?= $(wildcard configs/commonlit_*.yaml)
 SEEDS ?= 42
 # The grid's budget: 9 configs x 5 folds and the baseline's second seed took 2 h 53 min on the 2-core CPU
@@ -97,6 +108,9 @@ bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (E
 	$(BENCH_RUN) --levers
 	$(BENCH_RUN) --scaling
 	$(BENCH_RUN) --shapes
+
+bench-kaggle: setup ## The recipe's Kaggle kit: size, and the offline kernel's wall time on 7 and 2,000 test rows
+	$(BIN)/python bench/kaggle_kit.py $(if $(DATA),--data $(DATA))
 
 bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline (SET=... for all)
 	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10 $(foreach s,$(SET),--set $(s))

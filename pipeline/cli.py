@@ -204,6 +204,58 @@ def grid(configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs.")
     G.run(configs, seed, set_ or [])
 
 
+@app.command()
+@friendly
+def package(experiment: Annotated[str, typer.Argument(help="Experiment or ensemble name under oof/.")],
+            out: Annotated[Path, typer.Option(help="Folder for models/, wheels/ and kernel/.")] = Path("build/kaggle"),
+            dataset: Annotated[str | None, typer.Option(
+                help="owner/slug of the models dataset (default: your Kaggle username/the experiment).")] = None,
+            competition: Annotated[str | None, typer.Option(
+                help="Competition slug (default: the name of the data folder).")] = None,
+            weights: Annotated[str, typer.Option(help="Stored weights: fp32, or fp16/bf16 for half the upload "
+                                                      "(the prediction difference is measured and printed).")]
+            = "fp32",
+            image: Annotated[Path | None, typer.Option(help="What Kaggle's image has (default: the shipped "
+                                                            "pipeline/kaggle/image.yaml).")] = None,
+            gpu: Annotated[bool, typer.Option(help="Ask Kaggle for a GPU (the kernel uses one when it finds it).")]
+            = False,
+            output_dir: Annotated[Path, typer.Option(help="Where the run directories are.")] = Path("oof")):
+    """Build the Kaggle kit: models dataset, wheels dataset and offline inference kernel; prints the upload commands."""
+    from pipeline.kaggle import package as K
+
+    kit = K.run(experiment, out, dataset, competition, weights, image, output_dir, gpu)
+    mb = {k: v / 2**20 for k, v in kit.sizes.items()}
+    console.print(f"datasets {kit.models} and {kit.wheels}, kernel {kit.kernel} for competition "
+                  f"'{kit.competition}'", soft_wrap=True, highlight=False)
+    console.print(f"kit: {kit.out}  models {mb['models']:.1f} MB, wheels {mb['wheels']:.1f} MB "
+                  f"({', '.join(kit.dependencies) or 'the project only'} besides the project)", soft_wrap=True)
+    if kit.difference is not None:
+        console.print(f"weights stored in {weights}: predictions differ from fp32 weights by at most "
+                      f"{kit.difference:.2e} (max abs, {kit.measured_rows} rows, blended)")
+    console.print(f"rehearse it offline first: pipeline rehearse {kit.out}", soft_wrap=True)
+    console.print("then upload with kaggle-api (the first time `create`, later `kaggle datasets version -m ...`) "
+                  "and, once the kernel's run has completed, submit its version:", soft_wrap=True)
+    for command in kit.commands():
+        console.print(f"  {command}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@friendly
+def rehearse(kit: Annotated[Path, typer.Argument(help="The kit folder pipeline package wrote.")] = Path("build/kaggle"),
+             data: Annotated[Path | None, typer.Option(
+                 help="Folder with the competition's test.csv and sample_submission (default: the training data's)."
+             )] = None,
+             work: Annotated[Path, typer.Option(help="Scratch folder (the image-like environment is kept here).")]
+             = Path("build/rehearsal"),
+             image: Annotated[Path | None, typer.Option(help="What Kaggle's image has.")] = None):
+    """Run the kit's kernel here as Kaggle would: only the image's packages, no network, no pip configuration."""
+    from pipeline.kaggle import rehearse as R
+
+    result = R.run(kit, data, work, image)
+    console.print(result.output.rstrip(), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"rehearsal: {result.submission} in {result.seconds:.1f}s ({result.isolation})", soft_wrap=True)
+
+
 @app.command("demo-data")
 @friendly
 def demo_data(out: Annotated[Path, typer.Option(help="Folder for the generated CSVs.")] = Path("inputs/demo")):

@@ -103,6 +103,12 @@ def blend_test(dirs: list[Path], experiments: list[str], weights: np.ndarray, id
     for e, f in zip(experiments, frames):
         if not f[id_col].equals(frames[0][id_col]):
             raise PipelineError(f"ensemble: test predictions of '{e}' have other ids than '{experiments[0]}'")
-    test = frames[0][[id_col]].copy()
-    test[columns] = np.tensordot(weights, np.stack([f[columns].to_numpy(float) for f in frames]), axes=1)
-    return test
+    return blend(frames, weights, id_col, columns)
+
+
+def blend(frames: list[pd.DataFrame], weights: np.ndarray, id_col: str, columns: list[str]) -> pd.DataFrame:
+    """The weighted sum of prediction frames that share their ids, row for row (the Kaggle kernel's blend too)."""
+    out = frames[0][[id_col]].copy()
+    out[columns] = np.tensordot(np.asarray(weights, float), np.stack([f[columns].to_numpy(float) for f in frames]),
+                                axes=1)
+    return out

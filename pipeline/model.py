@@ -258,3 +258,17 @@ def load_tokenizer(source: str | Path):
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a tokenizer from '{source}' ({err})") from None
+
+
+def load_saved_tokenizer(backbone_dir: Path):
+    """A run directory's tokenizer, refused when its vocabulary file is missing.
+
+    Without tokenizer.json / vocab.txt, transformers builds a tokenizer of the special tokens alone, which maps
+    every word to [UNK] and predicts without an error: caught here by its size against the model's vocabulary.
+    """
+    tokenizer = load_tokenizer(backbone_dir)
+    size = getattr(AutoConfig.from_pretrained(backbone_dir), "vocab_size", None)
+    if size and len(tokenizer) < size // 2:
+        raise PipelineError(f"{backbone_dir}: the tokenizer has {len(tokenizer)} tokens for a model with {size}; "
+                            f"its vocabulary file (tokenizer.json, vocab.txt, spm.model...) is missing")
+    return tokenizer

@@ -11,10 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.io import read_csv, read_json, write_csv_atomic, write_json_atomic
 from pipeline.metrics import best_constant, score, threshold_fields
-
-
-def missing_folds(cfg: Config) -> list[int]:
-    return [k for k in range(cfg.data.n_folds) if not (cfg.run_dir / f"fold{k}" / "metrics.json").exists()]
+from pipeline.runs import missing_folds
 
 
 def run(cfg: Config) -> dict:

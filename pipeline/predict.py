@@ -15,12 +15,11 @@ import torch
 from pipeline import data as D
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.inference import predict as predict_rows
+from pipeline.inference import resolve_device, resolve_precision
 from pipeline.io import write_csv_atomic
-from pipeline.model import load_tokenizer, model_from_saved
-from pipeline.oof import missing_folds
-from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config
-from pipeline.train import predict as predict_rows
-from pipeline.train import resolve_device, resolve_precision
+from pipeline.model import load_saved_tokenizer, model_from_saved
+from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config, missing_folds
 
 # What the checkpoints compute depends on these; predicting with other values would silently change the answers.
 SHAPING_KEYS = ("data.text_columns", "data.max_length", "data.task", "data.target_columns", "data.classes")
@@ -43,33 +42,52 @@ def check_trained_like(cfg: Config) -> None:
 def run(cfg: Config, test_path: Path | None = None) -> Path:
     """Write oof/<experiment>/test_predictions.csv (id + one column per target or class)."""
     check_trained_like(cfg)
-    unfinished = missing_folds(cfg)
-    if unfinished:
-        raise PipelineError(f"{cfg.run_dir}: fold(s) {', '.join(map(str, unfinished))} have not finished "
-                            f"(no metrics.json); train them first (pipeline train --resume)")
-    checkpoints = [cfg.run_dir / f"fold{k}" / "model.pt" for k in range(cfg.data.n_folds)]
-    missing = [k for k, p in enumerate(checkpoints) if not p.exists()]
-    if missing:
-        raise PipelineError(f"{cfg.run_dir}: no checkpoint for fold(s) {', '.join(map(str, missing))} "
-                            f"(model.pt); train them first, with train.save_checkpoint true")
+    check_complete(cfg, cfg.run_dir)
     train_df = D.load_train(cfg)
     classes = None if cfg.data.task == "regression" else D.class_names(cfg, train_df[cfg.data.target_columns[0]])
-    columns = D.prediction_columns(cfg, classes)
     test = D.load_test(cfg, test_path)
-    backbone_dir = cfg.run_dir / "backbone"
-    tokenizer = load_tokenizer(backbone_dir)
-    enc = D.encode(tokenizer, test, cfg.data.text_columns, cfg.data.max_length)
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    positions = np.arange(len(test))
-    total = np.zeros((len(test), len(columns)))
-    for path in checkpoints:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(device)
-        total += predict_rows(model, enc, positions, cfg.data.task, device, precision,
-                              cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)
-    frame = pd.DataFrame(total / len(checkpoints), columns=columns)
-    frame.insert(0, cfg.data.id_column, test[cfg.data.id_column].to_numpy())
+    frame = predict_table(cfg, cfg.run_dir, test, D.prediction_columns(cfg, classes))
     out = cfg.run_dir / "test_predictions.csv"
     write_csv_atomic(out, frame)
     return out
+
+
+def checkpoints(cfg: Config, run_dir: Path) -> list[Path]:
+    return [Path(run_dir) / f"fold{k}" / "model.pt" for k in range(cfg.data.n_folds)]
+
+
+def check_complete(cfg: Config, run_dir: Path) -> None:
+    """Every fold finished and kept its checkpoint, or an error naming the folds that did not."""
+    unfinished = missing_folds(cfg, run_dir)
+    if unfinished:
+        raise PipelineError(f"{run_dir}: fold(s) {', '.join(map(str, unfinished))} have not finished "
+                            f"(no metrics.json); train them first (pipeline train --resume)")
+    missing = [k for k, p in enumerate(checkpoints(cfg, run_dir)) if not p.exists()]
+    if missing:
+        raise PipelineError(f"{run_dir}: no checkpoint for fold(s) {', '.join(map(str, missing))} "
+                            f"(model.pt); train them first, with train.save_checkpoint true")
+
+
+def predict_table(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list[str],
+                  device: str | None = None, precision: str | None = None) -> pd.DataFrame:
+    """Every fold's checkpoint in `run_dir` predicts `table`; the folds are averaged (probabilities for classes).
+
+    Needs only the run directory (backbone config, tokenizer, checkpoints): no training data, no pretrained
+    weights. `device` and `precision` default to the run's config.
+    """
+    backbone_dir = Path(run_dir) / "backbone"
+    tokenizer = load_saved_tokenizer(backbone_dir)
+    enc = D.encode(tokenizer, table, cfg.data.text_columns, cfg.data.max_length)
+    where = resolve_device(device or cfg.train.device)
+    how = resolve_precision(precision or cfg.train.precision, where)
+    positions = np.arange(len(table))
+    paths = checkpoints(cfg, run_dir)
+    total = np.zeros((len(table), len(columns)))
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(where)
+        total += predict_rows(model, enc, positions, cfg.data.task, where, how,
+                              cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)
+    frame = pd.DataFrame(total / len(paths), columns=columns)
+    frame.insert(0, cfg.data.id_column, table[cfg.data.id_column].to_numpy())
+    return frame

@@ -12,6 +12,12 @@ from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 
 
+def missing_folds(cfg: Config, run_dir: Path | None = None) -> list[int]:
+    """Folds without metrics.json (written last: a fold without it has not finished)."""
+    run_dir = Path(run_dir or cfg.run_dir)
+    return [k for k in range(cfg.data.n_folds) if not (run_dir / f"fold{k}" / "metrics.json").exists()]
+
+
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():

@@ -26,8 +26,9 @@ from pipeline import data as D
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
+from pipeline.inference import autocast, predict, resolve_device, resolve_precision  # noqa: F401 (T.predict)
 from pipeline.io import read_json, save_torch_atomic, write_csv_atomic, write_json_atomic
-from pipeline.losses import predictions, rdrop_consistency, task_loss
+from pipeline.losses import rdrop_consistency, task_loss
 from pipeline.metrics import is_better, score
 from pipeline.model import TextModel, build_model, encoder_layers, fit_target_scaling, load_tokenizer, resolve_backbone
 from pipeline.regularization import active_dropout
@@ -69,43 +70,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"config key 'train.device': '{name}' asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere it is emulated and slow."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp16 needs CUDA; bf16 pays only where the hardware has it; `auto` picks the fastest that works."""
-    cuda = device.type == "cuda"
-    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
-    if precision == "auto":
-        return "bf16" if bf16 else ("fp16" if cuda else "fp32")
-    if precision == "fp16" and not cuda:
-        fallback = "bf16" if bf16 else "fp32"
-        warnings.warn(f"train.precision=fp16 needs a CUDA device; using {fallback} on {device.type}", stacklevel=2)
-        return fallback
-    if precision == "bf16" and not bf16:
-        warnings.warn(f"train.precision=bf16: this {device.type} has no native bf16, it will be emulated and "
-                      "slow; train.precision=auto picks fp32 here", stacklevel=2)
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW (bias-corrected) with no weight decay on biases and LayerNorm; layer-wise LR decay by depth.
 
@@ -136,22 +100,6 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
         groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     return torch.optim.AdamW(param_groups, lr=t.lr, foreach=True)
-
-
-@torch.no_grad()
-def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, device: torch.device,
-            precision: str, batch_size: int, pad_id: int, multiple: int = 1) -> np.ndarray:
-    """Predictions for `positions`, returned in the order of `positions` whatever order batches ran in."""
-    model.eval()
-    out = np.zeros((len(positions), model.head.out.out_features), dtype=np.float64)
-    where = {int(p): i for i, p in enumerate(positions)}
-    batches = [[int(positions[i]) for i in b] for b in D.eval_batches(enc.lengths[positions], batch_size)]
-    for batch in D.iterate(enc, batches, pad_id, device, multiple):
-        with autocast(device, precision):
-            logits = model(**batch.inputs)
-        rows = [where[int(p)] for p in batch.positions]
-        out[rows] = predictions(task, logits.cpu().double()).numpy()  # float64: probabilities sum to one
-    return out
 
 
 def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from pipeline.cli import app
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.folds import assign_folds
-from pipeline.train import cpu_has_bf16
+from pipeline.inference import cpu_has_bf16
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
