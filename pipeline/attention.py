@@ -43,19 +43,25 @@ def pipeline_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
 
-def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                 mask_function=bidirectional_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
+def padding_mask(batch_size: int, kv_length: int, mask_function=bidirectional_mask_function,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
     """An encoder's padding mask as (batch, 1, 1, keys) booleans (True: attend), None when nothing is padded.
 
     On CPU, broadcasting one row per sequence costs less than transformers' (batch, 1, queries, keys) mask;
-    any other mask (CUDA, causal, custom mask functions, offsets) is transformers' SDPA mask.
+    any other mask (CUDA, causal, custom mask functions, offsets) is transformers' SDPA mask. Every argument is
+    passed on by name: transformers 5.0 (Kaggle's image) gives `cache_position` where later releases give
+    `q_length` and `q_offset`.
     """
-    plain = mask_function is bidirectional_mask_function and q_offset == 0 and kv_offset == 0
+    start = kwargs.get("cache_position")
+    no_offset = kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0 and \
+        (start is None or len(start) == 0 or int(start[0]) == 0)
+    plain = mask_function is bidirectional_mask_function and no_offset
     if plain and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == kv_length \
             and attention_mask.device.type == "cpu":
         mask = attention_mask.to(torch.bool)
         return None if bool(mask.all()) else mask[:, None, None, :]
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+    return sdpa_mask(batch_size=batch_size, kv_length=kv_length, mask_function=mask_function,
+                     attention_mask=attention_mask, **kwargs)
 
 
 AttentionInterface.register(NAME, pipeline_attention)

@@ -122,7 +122,7 @@ def test_a_wheel_missing_from_the_kit_fails_the_offline_kernel(tmp_path, tiny_ba
     listed = json.loads((wheels / "WHEELS.json").read_text())
     del listed["files"][gone.name]
     (wheels / "WHEELS.json").write_text(json.dumps(listed))
-    with pytest.raises(PipelineError, match="iterative-stratification"):
+    with pytest.raises(PipelineError, match="(?s)iterative-stratification.*pip could not install"):
         R.run(Path(cfg.output_dir).parent / "kit", Path(cfg.data.dir), work)
 
 
@@ -229,6 +229,16 @@ def test_kernel_refuses_a_changed_file_and_finds_files_at_any_mount(tmp_path, ti
     assert not (tmp_path / "again.csv").exists()
 
 
+def test_without_unshare_the_rehearsal_refuses_sockets_in_process(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(R.BLOCK_SOCKETS)
+    code = "import socket; socket.create_connection(('127.0.0.1', 9))"
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(site)}, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "network disabled" in out.stderr
+
+
 def test_kernel_imports_nothing_only_training_needs():
     """Not the folds' iterstrat, the CLI's Typer, the pretrained MiniLM package or the training loop."""
     code = ("import sys, pipeline.kaggle.kernel; bad = [m for m in sys.modules if m.split('.')[0] in "
@@ -310,3 +320,27 @@ def test_image_file_decides_which_wheels_ship(tmp_path):
     bare.write_text("python: '3.12'\npackages: [torch]\ncolour: blue\n")
     with pytest.raises(PipelineError, match="unknown key.*colour"):
         W.load_image(bare)
+
+
+KAGGLE_TRANSFORMERS = ["transformers==5.0.0", "tokenizers==0.22.2", "huggingface_hub==1.11.0", "safetensors==0.7.0"]
+
+
+@pytest.mark.slow
+def test_kernel_runs_on_kaggles_transformers(tmp_path, tiny_backbone):
+    """Kaggle's image pins transformers 5.0.0 (image.yaml's header), older than .venv's: the rehearsal's
+    environment gets those versions from the package index (the one step with network), then runs offline.
+    transformers 5.0 calls attention-mask functions with other argument names: this caught the kernel failing."""
+    cfg = trained(tmp_path, tiny_backbone)
+    kit = tmp_path / "kit"
+    P.run(cfg.experiment, kit, "tester/tiny-regression", "tiny-comp", output_dir=Path(cfg.output_dir))
+    spec = W.load_image()
+    image = tmp_path / "image.yaml"
+    stack = {W.canonical(p.split("==")[0]) for p in KAGGLE_TRANSFORMERS}
+    image.write_text(json.dumps({"python": spec["python"], "platform": spec["platform"],
+                                 "packages": sorted(spec["packages"] - stack | {"regex", "tqdm", "packaging"}),
+                                 "exclude": sorted(spec["exclude"])}))
+    python = R.image_env(tmp_path / "work" / "image-env", W.load_image(image))
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *KAGGLE_TRANSFORMERS], check=True)
+    rehearsal = R.run(kit, Path(cfg.data.dir), tmp_path / "work", image)
+    check_same_submission(rehearsal.submission, reference(cfg, cfg.experiment), cfg.data.sample_submission_path,
+                          atol=1e-6)

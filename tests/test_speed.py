@@ -110,17 +110,23 @@ def test_pipeline_attention_dropout_drops_attention_weights():
 
 def test_padding_mask_is_one_row_per_sequence_and_none_without_padding():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    out = padding_mask(2, 4, 4, attention_mask=mask)
+    out = padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=mask)
     assert out.shape == (2, 1, 1, 4) and out.dtype == torch.bool
     assert torch.equal(out[:, 0, 0], mask.bool())
-    assert padding_mask(2, 4, 4, attention_mask=torch.ones(2, 4, dtype=torch.long)) is None
+    assert padding_mask(batch_size=2, q_length=4, kv_length=4, attention_mask=torch.ones(2, 4, dtype=torch.long)) \
+        is None
+    # transformers 5.0 (Kaggle's image) names the query positions cache_position, not q_length
+    old_style = padding_mask(batch_size=2, cache_position=torch.arange(4), kv_length=4, attention_mask=mask)
+    assert torch.equal(old_style, out)
+    shifted = padding_mask(batch_size=2, q_length=4, kv_length=4, q_offset=2, attention_mask=mask)
+    assert shifted.shape == (2, 1, 4, 4)  # an offset is transformers' own mask
 
 
 def test_pipeline_attention_masks_padded_keys():
     """A padded key gets no weight: changing its value changes nothing."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 4, 8, requires_grad=True), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
-    mask = padding_mask(1, 4, 4, attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    mask = padding_mask(batch_size=1, q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     out, _ = pipeline_attention(nn.Module().train(), q, k, v, mask)
     v2 = v.clone()
     v2[..., 3, :] += 100

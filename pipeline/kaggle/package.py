@@ -111,7 +111,7 @@ def check_rebuildable(m: Member) -> None:
     problem = None if (backbone / "config.json").exists() else "no config.json"
     try:
         load_saved_tokenizer(backbone)
-    except PipelineError as err:
+    except Exception as err:  # transformers' own errors too: remote code, a config it cannot read
         problem = problem or str(err)
     if problem:
         raise PipelineError(f"package: {backbone} cannot rebuild the model offline ({problem}); retrain the "

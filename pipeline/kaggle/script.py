@@ -41,9 +41,14 @@ def install(wheels):
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             sys.exit(f"error: {path} is missing or differs from WHEELS.json; upload the wheels again")
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "--quiet"]
+    steps = [["--no-deps", "--force-reinstall", str(wheels / listed["project_wheel"])]]
     if (wheels / "requirements.txt").read_text().strip():
-        subprocess.run([*pip, "-r", str(wheels / "requirements.txt")], check=True)
-    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(wheels / listed["project_wheel"])], check=True)
+        steps.insert(0, ["-r", str(wheels / "requirements.txt")])
+    for args in steps:
+        if subprocess.run([*pip, *args]).returncode != 0:
+            sys.exit(f"error: pip could not install {args[-1]} from {wheels} alone (no index, no network): a "
+                     f"wheel is missing or not for this Python ({sys.version.split()[0]}); run pipeline package "
+                     f"with the image file of this Kaggle image")
 
 
 def main():
