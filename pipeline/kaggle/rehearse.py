@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,9 +69,11 @@ def image_closure(packages: set[str]) -> list[metadata.Distribution]:
 
 def image_env(dest: Path, image: dict) -> Path:
     """A virtual environment at `dest` with only the image's distributions (linked, not copied); its python."""
-    python = dest / "bin" / "python"
-    if python.exists():
+    python, marker = dest / "bin" / "python", dest / "IMAGE.json"
+    wanted = json.dumps(sorted(image["packages"]))
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
+    shutil.rmtree(dest, ignore_errors=True)  # built for another image file
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
@@ -81,6 +84,7 @@ def image_env(dest: Path, image: dict) -> Path:
             source, target = base / top, site / top
             if source.exists() and not target.exists() and top != "__pycache__":
                 target.symlink_to(source)
+    (tmp / "IMAGE.json").write_text(wanted)
     os.replace(tmp, dest)
     return python
 
