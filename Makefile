@@ -23,6 +23,7 @@ $(BIN)/pipeline: pyproject.toml
 	# The CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	# GPU users: install the CUDA torch of their choice into .venv before `make setup`.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
+	# .[dev] is what the tests need, Ray included (tests/test_grid_ray.py runs the grid's ray backend).
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/pipeline
 

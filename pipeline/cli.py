@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -192,13 +193,34 @@ def report(experiments: Annotated[list[str], typer.Argument(help="Experiment nam
     console.print(f"report: {R.write(experiments, baseline, out, output_dir, command)}")
 
 
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 @friendly
 def grid(configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs.")],
          seed: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeat); default: each config's.")]
          = None,
-         set_: SetOpt = None):
+         set_: SetOpt = None,
+         backend: Annotated[Backend, typer.Option(
+             help="local: fold after fold in this process; ray: every fold its own process, side by side on the "
+                  "GPUs (or CPUs) of this machine or a Ray cluster.")] = Backend.local,
+         gpus_per_job: Annotated[int | None, typer.Option(
+             min=0, help="ray: GPUs per fold (default: 1 if there are GPUs; 0: on CPUs).")] = None,
+         address: Annotated[str | None, typer.Option(
+             help="ray: the cluster to join, e.g. auto (default: a Ray started on this machine).")] = None,
+         max_parallel: Annotated[int | None, typer.Option(
+             min=1, help="ray: at most this many folds at once (default: as many as the resources allow).")] = None):
     """Train every config over every seed (resuming, skipping complete runs), then gather each OOF."""
+    if backend is Backend.ray:
+        from pipeline import grid_ray
+
+        grid_ray.run(configs, seed, set_ or [], gpus_per_job, address, max_parallel)
+        return
+    if (gpus_per_job, address, max_parallel) != (None, None, None):
+        raise PipelineError("--gpus-per-job, --address and --max-parallel are options of --backend ray")
     from pipeline import grid as G
 
     G.run(configs, seed, set_ or [])

@@ -1,7 +1,8 @@
 """Train and gather a set of experiments over several seeds, skipping what is already complete.
 
 A run for seed s of configs/x.yaml is `oof/x/` when s is the config's own seed and `oof/x-seed<s>/` otherwise,
-which is how the report groups seeds. Interrupted runs continue from their last saved state.
+which is how the report groups seeds. Interrupted runs continue from their last saved state. This is the local
+backend, fold after fold in this process; grid_ray.py trains the folds side by side, each in its own process.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from pipeline.runs import check_same_config
 console = Console()
 
 
-def seed_config(path: Path, seed: int | None, overrides: list[str]) -> Config:
+def seed_overrides(path: Path, seed: int | None, overrides: list[str]) -> list[str]:
+    """The overrides that make `path` the run for `seed`: what `pipeline train` needs to train that same run."""
     cfg = load_config(path, overrides)
-    if seed is not None and seed != cfg.train.seed:
-        cfg = load_config(path, [*overrides, f"train.seed={seed}", f"experiment={cfg.experiment}-seed{seed}"])
-    return cfg
+    if seed is None or seed == cfg.train.seed:
+        return list(overrides)
+    return [*overrides, f"train.seed={seed}", f"experiment={cfg.experiment}-seed{seed}"]
+
+
+def seed_config(path: Path, seed: int | None, overrides: list[str]) -> Config:
+    return load_config(path, seed_overrides(path, seed, overrides))
 
 
 def run(configs: list[Path], seeds: list[int] | None, overrides: list[str]) -> list[str]:
