@@ -180,6 +180,8 @@ def test_gpus_beyond_the_cluster_are_refused_before_anything_is_written(tmp_path
     config = build(tmp_path, tiny_backbone)
     message = fail_untouched(tmp_path, "grid", config, "--backend", "ray", "--gpus-per-job", "3")
     assert "each job asks for 3 GPU(s), but the Ray cluster has 2" in message, message
+    message = fail_untouched(tmp_path, "grid", config, "--backend", "ray", "--gpus-per-job", "2")
+    assert "several GPUs per fold need a training loop on accelerate" in message, message
     message = fail("grid", config, "--gpus-per-job", "1")  # the local backend has no such option
     assert "options of --backend ray" in message, message
 
