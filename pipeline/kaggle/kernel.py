@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipeline import data as D
 from pipeline.ensemble import blend
@@ -73,7 +74,7 @@ def find_competition_file(root: Path, name: str, beside: str | None, competition
 
 
 def predict_kit(kit: Path, manifest: dict, test_path: Path, device: str | None = None,
-                precision: str | None = None) -> tuple[object, list]:
+                precision: str | None = None) -> tuple[pd.DataFrame, list[tuple[str, float]]]:
     """(blended test predictions, [(member, seconds)]) for every member's folds."""
     frames, timings = [], []
     for member in manifest["members"]:

@@ -192,8 +192,6 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
         raise PipelineError(f"package: --weights '{weights}'; choose one of {', '.join(DTYPES)}")
     output_dir, out = Path(output_dir), Path(out)
     members = members_of(experiment, output_dir)
-    for m in members:
-        check_rebuildable(m)
     first = members[0].cfg
     image_spec = W.load_image(image)
     models_id, wheels_id, kernel_id = ids(experiment, dataset)
@@ -205,6 +203,8 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
                                     competition, gpu)
     if out.exists() and any(out.iterdir()) and not (out / "models" / M.NAME).exists():
         raise PipelineError(f"package: {out} exists and is not a kit; choose another --out")
+    for m in members:
+        check_rebuildable(m)
 
     kit = Kit(out, models_id, wheels_id, kernel_id, competition)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
