@@ -8,6 +8,13 @@ cheap dropout mask of `regularization.fast_dropout`, a training step is faster i
 
 Architectures that do not dispatch attention through transformers' AttentionInterface (e.g. DeBERTa)
 keep their own attention; `use_pipeline_attention` says which happened.
+
+Long inputs: a (batch, heads, T, T) score tensor larger than the CPU's caches makes every pass over it (the
+matmul that writes it, the scaling, the softmax, their backward) run at memory speed, so a step grew ~3x from
+256 to 512 tokens where the FLOPs grow 2.2x, and ~10x at 1024 (`bench/long_inputs.py`). Above SCORES_BUDGET
+score elements per call the batch is cut into groups of sequences that fit it, each group the same ops as
+before: the same numbers, and at the recipe's shapes (batch 16, 256 tokens, 12 heads: exactly the budget) one
+group, the unchanged path.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from pipeline.regularization import fast_dropout
 
 NAME = "pipeline"
+# Score elements per attention call before the batch is split: batch 16 x 12 heads x 256 x 256, the recipe's
+# largest batch, whose step the split would not make slower (measured: bench/long_inputs.py, docs/speed.md).
+SCORES_BUDGET = 16 * 12 * 256 * 256
 
 
 def pipeline_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -33,6 +43,18 @@ def pipeline_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                       dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    batch, heads, length = query.shape[0], query.shape[1], query.shape[2]
+    group = max(1, SCORES_BUDGET // (heads * length * key.shape[2]))
+    if group < batch:  # long inputs: groups of sequences whose scores stay within the budget
+        if attention_mask is not None and attention_mask.shape[0] != batch:
+            attention_mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        return torch.cat([_attention(module, query[i:i + group], key[i:i + group], value[i:i + group],
+                                     None if attention_mask is None else attention_mask[i:i + group],
+                                     scaling, dropout) for i in range(0, batch, group)]), None
+    return _attention(module, query, key, value, attention_mask, scaling, dropout), None
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout) -> torch.Tensor:
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # True: attend. An additive bias broadcasts faster than masked_fill.
@@ -40,7 +62,7 @@ def pipeline_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                 .masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
         scores = scores + attention_mask
     weights = fast_dropout(torch.softmax(scores, dim=-1), dropout, module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+    return torch.matmul(weights, value).transpose(1, 2).contiguous()
 
 
 def padding_mask(batch_size: int, kv_length: int, mask_function=bidirectional_mask_function,

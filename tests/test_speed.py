@@ -151,3 +151,47 @@ def test_pipeline_attention_on_cuda_is_sdpa_with_the_same_results(tmp_path, tiny
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-2, atol=1e-3)
     x = torch.ones(1000, device="cuda")
     assert (fast_dropout(x, 0.5) == 0).any()  # F.dropout on CUDA
+
+
+def test_long_inputs_split_the_batch_with_the_same_results(monkeypatch):
+    """Above the scores budget the batch runs in groups of sequences: same outputs and gradients, padding kept."""
+    import pipeline.attention as A
+
+    torch.manual_seed(0)
+    base = [torch.randn(5, 2, 6, 4) for _ in range(3)]
+    mask = padding_mask(batch_size=5, q_length=6, kv_length=6,
+                        attention_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3, [1] * 6]))
+    results = []
+    for budget in (A.SCORES_BUDGET, 2 * 6 * 6 * 2):  # one call, then groups of 2 sequences (2, 2, 1)
+        monkeypatch.setattr(A, "SCORES_BUDGET", budget)
+        q, k, v = [x.clone().requires_grad_() for x in base]
+        out, _ = pipeline_attention(nn.Module().train(), q, k, v, mask)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ref = F.scaled_dot_product_attention(*base, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(results[1][0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_long_inputs_keep_attention_dropout_and_the_recipe_shape_is_one_call(monkeypatch):
+    import pipeline.attention as A
+
+    calls = []
+    original = A._attention
+    monkeypatch.setattr(A, "_attention", lambda *a: calls.append(a[1].shape[0]) or original(*a))
+    q = torch.zeros(16, 12, 256, 32, dtype=torch.bfloat16)
+    pipeline_attention(nn.Module().train(), q, q, q, None)
+    assert calls == [16]  # batch 16 at 256 tokens (the recipe): the path it always took
+    calls.clear()
+    q = torch.zeros(16, 12, 512, 32, dtype=torch.bfloat16)
+    pipeline_attention(nn.Module().train(), q, q, q, None)
+    assert calls == [4] * 4
+    monkeypatch.setattr(A, "SCORES_BUDGET", 2 * 5 * 5 * 2)
+    torch.manual_seed(0)
+    qk, v = torch.randn(6, 2, 5, 4), torch.ones(6, 2, 5, 4)
+    a, _ = pipeline_attention(nn.Module().train(), qk, qk, v, None, dropout=0.5)
+    b, _ = pipeline_attention(nn.Module().train(), qk, qk, v, None, dropout=0.5)
+    assert not torch.equal(a, b)  # dropout still drops, fresh each pass
+    many = torch.stack([pipeline_attention(nn.Module().train(), qk, qk, v, None, dropout=0.5)[0] for _ in range(1000)])
+    assert abs(many.mean().item() - 1.0) < 0.03
