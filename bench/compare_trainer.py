@@ -205,6 +205,22 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
             "precision": precision}
 
 
+def train_step(model, optimizer, batch, cfg, device, precision: str) -> float:
+    """Seconds of one optimizer step of the pipeline's loop: loss under autocast, backward, clip, step."""
+    import torch
+
+    from pipeline import train as T
+
+    start = time.perf_counter()
+    with T.autocast(device, precision):
+        loss = T.training_loss(model, batch.to(device), cfg.data.task, cfg.train.rdrop)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def timed_steps(cfg, steps: int | None = None, after_step=None) -> tuple[list[float], set[int], object, str]:
     """Seconds of each of the pipeline's training steps on fold-0 batches, after two warm-up steps.
 
@@ -232,15 +248,9 @@ def timed_steps(cfg, steps: int | None = None, after_step=None) -> tuple[list[fl
     for i, b in enumerate(batches):
         batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
         widths.add(batch.inputs["input_ids"].shape[1])
-        start = time.perf_counter()
-        with T.autocast(device, precision):
-            loss = T.training_loss(model, batch.to(device), cfg.data.task, cfg.train.rdrop)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        seconds = train_step(model, optimizer, batch, cfg, device, precision)
         if i >= 2:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
         if after_step:
             after_step()
     return times, widths, prep, precision

@@ -28,7 +28,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +86,7 @@ def run_one(data: str, length: int, attention: str, steps: int, profile: bool) -
     import numpy as np
     import torch
 
+    from bench.compare_trainer import timed_steps, train_step
     from pipeline import train as T
     from pipeline.config import load_config
     from pipeline.model import load_tokenizer, resolve_backbone
@@ -102,7 +102,6 @@ def run_one(data: str, length: int, attention: str, steps: int, profile: bool) -
         device = T.resolve_device("auto")
         precision = T.resolve_precision(cfg.train.precision, device)
         if recipe:  # the recipe's own fold-0 batches at its max length, as they come in an epoch
-            from bench.compare_trainer import timed_steps
 
             times, _, prep, _ = timed_steps(cfg, steps)
             mean_tokens = float(prep.enc.lengths.mean())
@@ -124,15 +123,9 @@ def run_one(data: str, length: int, attention: str, steps: int, profile: bool) -
                                           schedule=schedule(wait=1, warmup=1, active=steps))
             prof.start()
         for i, batch in enumerate(batches):
-            start = time.perf_counter()
-            with T.autocast(device, precision):
-                loss = T.training_loss(model, batch.to(device), cfg.data.task, cfg.train.rdrop)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            seconds = train_step(model, optimizer, batch, cfg, device, precision)
             if i >= 2:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
             if prof:
                 prof.step()
         if prof:
