@@ -50,8 +50,11 @@ lint: setup ## ruff
 folds: setup ## Assign folds: make folds CONFIG=configs/x.yaml
 	$(BIN)/pipeline folds $(CONFIG) $(ARGS)
 
-train: setup ## Train: make train CONFIG=configs/x.yaml FOLD=0 (all folds when FOLD is empty; RESUME=1 continues)
-	$(BIN)/pipeline train $(CONFIG) $(if $(FOLD),--fold $(FOLD)) $(if $(RESUME),--resume) $(ARGS)
+# GPUS=N trains each fold on N GPUs, one process per GPU (DDP): accelerate launch --multi_gpu.
+GPUS ?=
+LAUNCH = $(if $(filter-out 1,$(GPUS)),$(BIN)/accelerate launch --multi_gpu --num_processes $(GPUS) -m pipeline,$(BIN)/pipeline)
+train: setup ## Train: make train CONFIG=configs/x.yaml FOLD=0 (all folds when FOLD is empty; RESUME=1 continues; GPUS=2: DDP)
+	$(LAUNCH) train $(CONFIG) $(if $(FOLD),--fold $(FOLD)) $(if $(RESUME),--resume) $(ARGS)
 
 oof: setup ## Gather OOF predictions and print the CV: make oof CONFIG=...
 	$(BIN)/pipeline oof $(CONFIG) $(ARGS)
@@ -102,7 +105,6 @@ BENCH_SEEDS ?= 42
 CONTENDERS ?=
 BENCH_RUN = $(BIN)/python bench/compare_trainer.py --data $(BENCH_DATA)
 bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (EPOCHS=3 BENCH_SEEDS="42 1 7" CONTENDERS=...), the speed levers, the scaling table, batch widths
-	$(BIN)/python -c "import accelerate" 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 	for s in $(BENCH_SEEDS); do $(BENCH_RUN) --epochs $(EPOCHS) --repeats $(REPEATS) --set train.seed=$$s \
 		$(if $(CONTENDERS),--only $(CONTENDERS)) || exit 1; done
 	$(BENCH_RUN) --summary

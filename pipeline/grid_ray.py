@@ -150,9 +150,6 @@ def gpus_for_jobs(ray, gpus_per_job: int | None) -> int:
     if gpus_per_job > available:
         raise PipelineError(f"each job asks for {gpus_per_job} GPU(s), but the Ray cluster has {available:g}; "
                             f"use --gpus-per-job {int(available)} or fewer (0: train on CPUs)")
-    if gpus_per_job > 1:  # each process of `accelerate launch` would train the whole fold into one directory
-        raise PipelineError(f"--gpus-per-job {gpus_per_job}: several GPUs per fold need a training loop on "
-                            f"accelerate, which the pipeline does not have yet; use 1 (folds side by side)")
     return gpus_per_job
 
 

@@ -193,8 +193,14 @@ class TextModel(nn.Module):
         """
         return self.head(self.features(**inputs)).float()
 
-    def forward(self, **inputs) -> torch.Tensor:
-        """Inference: logits, or regression predictions in the targets' units."""
+    def forward(self, samples: bool = False, **inputs) -> torch.Tensor:
+        """Inference: logits, or regression predictions in the targets' units.
+
+        `samples=True` returns `sample_logits` instead: training calls the model itself so that a DDP wrapper,
+        which exchanges gradients only through `forward`, sees the pass.
+        """
+        if samples:
+            return self.sample_logits(**inputs)
         return self.target_scale(self.sample_logits(**inputs).mean(0))
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -7,6 +7,7 @@ metrics.json, written last: a fold is complete when metrics.json exists.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -24,6 +25,7 @@ from transformers import get_scheduler
 
 from pipeline import data as D
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, shard
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.inference import autocast, predict, resolve_device, resolve_precision  # noqa: F401 (T.predict)
@@ -53,7 +55,8 @@ class Prepared:
 
 def prepare(cfg: Config) -> Prepared:
     df = D.load_train(cfg)
-    fold = load_folds(cfg, df)
+    with process_state(resolve_device(cfg.train.device)).main_process_first():  # one process writes the folds
+        fold = load_folds(cfg, df)
     classes = None if cfg.data.task == "regression" else D.class_names(cfg, df[cfg.data.target_columns[0]])
     tokenizer = load_tokenizer(resolve_backbone(cfg.model.backbone))
     limit = getattr(tokenizer, "model_max_length", None)
@@ -103,31 +106,22 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
 
 
 def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:
-    """The task loss averaged over dropout samples; with R-Drop, a doubled batch and the consistency term."""
-    targets = model.target_scale.normalize(batch.targets) if task == "regression" else batch.targets
+    """The task loss averaged over dropout samples; with R-Drop, a doubled batch and the consistency term.
+
+    The model is called (not a method of it) so that DDP, which exchanges gradients through `forward`, sees it.
+    """
+    targets = model_of(model).target_scale.normalize(batch.targets) if task == "regression" else batch.targets
     if rdrop <= 0:
-        return task_loss(task, model.sample_logits(**batch.inputs), targets)
+        return task_loss(task, model(**batch.inputs, samples=True), targets)
     doubled = {k: torch.cat([v, v]) for k, v in batch.inputs.items()}
-    a, b = model.sample_logits(**doubled).chunk(2, dim=1)
+    a, b = model(**doubled, samples=True).chunk(2, dim=1)
     return 0.5 * (task_loss(task, a, targets) + task_loss(task, b, targets)) \
         + rdrop * rdrop_consistency(task, a, b)
 
 
-def optimizer_step(model: TextModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   max_grad_norm: float) -> bool:
-    """Clip, step and clear the gradients; False when the GradScaler skipped the step.
-
-    Under fp16 the scaler skips every step whose gradients hold an inf or NaN, finite loss or not, and halves
-    its scale: a lower scale after `update` is how a skipped step shows.
-    """
-    if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    scale = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return scale is None or scaler.get_scale() >= scale
+def model_of(model: torch.nn.Module) -> TextModel:
+    """The TextModel inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 def metric_target(prep: Prepared, positions: np.ndarray) -> np.ndarray:
@@ -175,7 +169,25 @@ def step_plan(t: TrainConfig, train_rows: int) -> StepPlan:
     return StepPlan(batches_per_epoch, total_micro, total_steps, frozenset(evals | {total_steps}))
 
 
+def evaluate(model: torch.nn.Module, prep: Prepared, valid_pos: np.ndarray, device: torch.device,
+             precision: str, rank: int, world: int) -> np.ndarray:
+    """Predictions for the fold's validation rows, in their order; each process predicts its share."""
+    t = prep.cfg.train
+    share = eval_share(valid_pos, prep.enc.lengths[valid_pos], rank, world)
+    preds = predict(model_of(model), prep.enc, share, prep.cfg.data.task, device, precision, t.eval_batch_size,
+                    prep.tokenizer.pad_token_id or 0, t.pad_to_multiple_of)
+    return gather_rows(valid_pos, share, preds)
+
+
 def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool = True) -> dict:
+    """Train one fold, on this process or on every process of an `accelerate launch` / `torchrun` launch.
+
+    Set-up, then per micro-batch: this process's share of the global batch, forward and backward (gradients
+    exchanged only on a group's last micro-batch), and per optimizer step: clip, step, schedule, evaluate.
+    Gradient accumulation is counted here rather than by `accelerator.accumulate`: a last group cut short by
+    the end of the schedule averages over its own micro-batches, so that batch 4 x accumulation 3 takes the
+    same steps as batch 12 whatever the row count.
+    """
     cfg, t, task = prep.cfg, prep.cfg.train, prep.cfg.data.task
     if fold not in set(prep.fold.tolist()):
         raise PipelineError(f"fold {fold} does not exist: data.n_folds is {cfg.data.n_folds}")
@@ -183,24 +195,31 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     check_same_config(cfg, cfg.run_dir)
     if resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # this fold finished before the interruption
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
-        for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
-            (out / stale).unlink(missing_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
+    accelerator = make_accelerator(device, precision)
+    device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.is_main_process)
+    state_path = out / "state.pt"
+    if main:  # only the main process writes
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
+            for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
+                (out / stale).unlink(missing_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     reset_peak_memory(device)
-    set_seed(t.seed + fold)
+    set_seed(t.seed + fold)  # the same initial model on every process
 
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
     model, model_config = build_model(cfg.model, prep.outputs)
     if task == "regression":
         fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
-    save_backbone_files(prep, model_config)
+    if main:
+        save_backbone_files(prep, model_config)
     if (t.rdrop > 0 or cfg.model.head == "msd") and not active_dropout(model):
         warnings.warn("R-Drop and Multi-Sample Dropout need dropout, but every dropout in this model is 0: "
                       "their extra terms are identically zero", stacklevel=2)
@@ -210,23 +229,25 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     batches_per_epoch, total_micro, total_steps = plan.batches_per_epoch, plan.total_micro, plan.total_steps
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if rank:
+        torch.manual_seed(t.seed + fold + 7919 * rank)  # other dropout masks on each process's rows
     pad_id = prep.tokenizer.pad_token_id or 0
     y_valid = metric_target(prep, valid_pos)
 
     step, micro, best, best_step, log, skipped = 0, 0, None, -1, [], 0
     best_preds: np.ndarray | None = None
     elapsed, running_loss, running_n = 0.0, 0.0, 0
-    state_path = out / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        model_of(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         step, micro, best, best_step = state["step"], state["micro"], state["best"], state["best_step"]
         log, skipped, best_preds = state["log"], state["skipped"], state["best_preds"]
-        set_rng_state(state["rng"], device)
+        set_rng_state(rank_rng(state, state_path, rank, world), device)
         # (states saved before these keys existed resume from the last evaluation's time and a fresh loss average)
         elapsed = state.get("elapsed_s", log[-1]["elapsed_s"] if log else 0.0)
         running_loss, running_n = state.get("running_loss", 0.0), state.get("running_n", 0)
@@ -235,20 +256,23 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     saved_at = step
 
     def save_state() -> None:
-        """Everything `--resume` needs to continue exactly from this optimizer step."""
+        """Everything `--resume` needs to continue exactly from this optimizer step (every process's RNG)."""
         nonlocal saved_at
         if t.save_checkpoint and saved_at < step < total_steps:
-            save_torch_atomic(state_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
-                "skipped": skipped, "best_preds": best_preds, "rng": rng_state(device),
-                "elapsed_s": time.time() - started, "running_loss": running_loss, "running_n": running_n})
+            rngs = gather_list(rng_state(device))
+            if main:
+                save_torch_atomic(state_path, {
+                    "model": model_of(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                    "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
+                    "skipped": skipped, "best_preds": best_preds, "rng": rngs if world > 1 else rngs[0],
+                    "elapsed_s": time.time() - started, "running_loss": running_loss, "running_n": running_n})
             saved_at = step
 
     bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   disable=not progress, transient=False)
+                   disable=not (progress and main), transient=False)
     with bar:
         task_id = bar.add_task("train", total=total_steps, completed=step, status="")
         epoch = micro // batches_per_epoch
@@ -260,61 +284,78 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 if micro >= total_micro:
                     break
                 model.train()
-                batch = D.collate(prep.enc, train_pos[positions].tolist(), pad_id, t.pad_to_multiple_of).to(device)
+                rows, weight = shard(positions, rank, world)
+                batch = D.collate(prep.enc, train_pos[rows].tolist(), pad_id, t.pad_to_multiple_of).to(device)
                 group = min(t.grad_accum, total_micro - (micro // t.grad_accum) * t.grad_accum)
-                with autocast(device, precision):
+                last_of_group = (micro + 1) % t.grad_accum == 0 or micro + 1 == total_micro
+                with contextlib.nullcontext() if last_of_group else accelerator.no_sync(model):
                     loss = training_loss(model, batch, task, t.rdrop)
-                if not torch.isfinite(loss) and not scaler.is_enabled():  # fp16: the GradScaler skips the step
-                    raise PipelineError(
-                        f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
-                        f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
-                scaler.scale(loss / group).backward()
-                running_loss += loss.item()
+                    if not torch.isfinite(loss) and accelerator.scaler is None:  # fp16: the scaler skips the step
+                        raise PipelineError(
+                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
+                            f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
+                    accelerator.backward(loss * (weight / group))
+                running_loss += loss.item() * weight
                 running_n += 1
                 micro += 1
-                if micro % t.grad_accum and micro < total_micro:
+                if not last_of_group:
                     continue
-                if not optimizer_step(model, optimizer, scaler, t.max_grad_norm):
-                    skipped += 1  # fp16 gradients overflowed: the GradScaler lowered its scale instead
-                scheduler.step()
+                if t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()  # not after a step the fp16 GradScaler skipped
+                optimizer.zero_grad(set_to_none=True)
+                skipped += optimizer.step_was_skipped  # fp16 gradients overflowed: the scaler lowered its scale
                 step += 1
                 bar.update(task_id, completed=step)
                 if step not in plan.eval_steps:
                     continue
 
                 eval_started = time.time()
-                preds = predict(model, prep.enc, valid_pos, task, device, precision, t.eval_batch_size, pad_id,
-                                t.pad_to_multiple_of)
+                preds = evaluate(model, prep, valid_pos, device, precision, rank, world)
                 if not np.isfinite(preds).all():
                     raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {step}")
                 value = score(cfg.metric, y_valid, preds)
+                train_loss = sum(gather_list(running_loss)) / world / max(running_n, 1)
                 if is_better(cfg.metric, value, best):
                     best, best_step, best_preds = value, step, preds
-                    if t.save_checkpoint:
-                        save_torch_atomic(out / "model.pt", model.state_dict())
+                    if t.save_checkpoint and main:
+                        save_torch_atomic(out / "model.pt", model_of(model).state_dict())
                 log.append({"step": step, "epoch": round(micro / batches_per_epoch, 3),
-                            "lr": max(scheduler.get_last_lr()), "train_loss": running_loss / max(running_n, 1),
+                            "lr": max(scheduler.get_last_lr()), "train_loss": train_loss,
                             cfg.metric: value, "eval_s": round(time.time() - eval_started, 2),
                             "elapsed_s": round(time.time() - started, 2)})
                 running_loss, running_n = 0.0, 0
-                write_csv_atomic(out / "log.csv", pd.DataFrame(log))
-                status = f"loss {log[-1]['train_loss']:.4f}  {cfg.metric} {value:.4f} (best {best:.4f})"
+                if main:
+                    write_csv_atomic(out / "log.csv", pd.DataFrame(log))
+                status = f"loss {train_loss:.4f}  {cfg.metric} {value:.4f} (best {best:.4f})"
                 bar.update(task_id, status=status)
-                if progress and not bar.console.is_terminal:  # logs get a line per evaluation
+                if progress and main and not bar.console.is_terminal:  # logs get a line per evaluation
                     bar.console.print(f"{cfg.experiment} fold {fold} step {step}/{total_steps}: {status}")
                 save_state()
             epoch += 1
             if micro % t.grad_accum == 0:
                 save_state()  # at each epoch's end too: evaluations may begin late in the schedule
 
-    write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, best_preds))
     metrics = {"fold": fold, "metric": cfg.metric, "score": best, "best_step": best_step, "steps": total_steps,
                "train_rows": len(train_pos), "valid_rows": len(valid_pos), "precision": precision,
-               "device": str(device), "train_seconds": round(time.time() - started, 1),
-               "peak_memory_mb": peak_memory_mb(device), "skipped_steps": skipped}
-    write_json_atomic(out / "metrics.json", metrics)
-    state_path.unlink(missing_ok=True)
+               "device": str(device), "processes": world, "train_seconds": round(time.time() - started, 1),
+               "peak_memory_mb": peak_memory_mb(device), "skipped_steps": int(skipped)}
+    if main:
+        write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, best_preds))
+        write_json_atomic(out / "metrics.json", metrics)
+        state_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     return metrics
+
+
+def rank_rng(state: dict, path: Path, rank: int, world: int) -> dict:
+    """This process's RNG state from a saved state (one per process since several-process runs)."""
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) != world:
+        raise PipelineError(f"{path} was saved by a run on {len(rngs)} process(es); resume it on {len(rngs)}, "
+                            "or train the fold again without --resume")
+    return rngs[rank]
 
 
 def rng_state(device: torch.device) -> dict:

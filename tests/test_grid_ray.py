@@ -127,6 +127,14 @@ def test_folds_run_two_at_once_one_gpu_each_and_a_rerun_runs_nothing(tmp_path, f
     assert len(fake_train.records()) == 4 and snapshot(tmp_path / "oof") == before  # refused before any job started
 
 
+def test_a_job_of_two_gpus_gets_both_and_runs_alone(tmp_path, fake_train):
+    """--gpus-per-job 2 (one fold by DDP on two GPUs): each job sees both declared GPUs, so one job at a time."""
+    ray_grid(tmp_path / "exp.yaml", "--gpus-per-job", "2")
+    jobs = fake_train.records()
+    assert len(jobs) == 2 and all(sorted(j["devices"].split(",")) == ["0", "1"] for j in jobs), jobs
+    assert most_at_once(jobs) == 1
+
+
 def test_a_failed_fold_is_reported_by_name_while_the_others_finish(tmp_path, fake_train):
     # One job at a time, on CPUs: the failing job runs first and the three others still run after it.
     fake_train.failing = "exp fold 0"
@@ -180,8 +188,6 @@ def test_gpus_beyond_the_cluster_are_refused_before_anything_is_written(tmp_path
     config = build(tmp_path, tiny_backbone)
     message = fail_untouched(tmp_path, "grid", config, "--backend", "ray", "--gpus-per-job", "3")
     assert "each job asks for 3 GPU(s), but the Ray cluster has 2" in message, message
-    message = fail_untouched(tmp_path, "grid", config, "--backend", "ray", "--gpus-per-job", "2")
-    assert "several GPUs per fold need a training loop on accelerate" in message, message
     message = fail("grid", config, "--gpus-per-job", "1")  # the local backend has no such option
     assert "options of --backend ray" in message, message
 

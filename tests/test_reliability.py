@@ -281,6 +281,17 @@ def test_fp16_on_cpu_falls_back_with_a_warning(work):
     assert json.loads((work / "oof" / "exp" / "fold0" / "metrics.json").read_text())["precision"] == fallback
 
 
+@pytest.mark.parametrize("major, native", [(7, False), (8, True)])  # a T4 or V100; an A100, L4 or H100
+def test_auto_precision_on_a_gpu_counts_only_native_bf16(monkeypatch, major, native):
+    """torch's default bf16 check says yes on a T4, where bf16 is emulated: `auto` must pick fp16 there."""
+    import torch
+
+    from pipeline.inference import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if native else "fp16")
+
+
 # ---------------------------------------------------------------- stages out of order
 
 
