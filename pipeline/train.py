@@ -14,12 +14,14 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
@@ -35,6 +37,8 @@ from pipeline.metrics import is_better, score
 from pipeline.model import TextModel, build_model, encoder_layers, fit_target_scaling, load_tokenizer, resolve_backbone
 from pipeline.regularization import active_dropout
 from pipeline.runs import check_same_config
+from pipeline.techniques import Techniques
+from pipeline.techniques import build as build_techniques
 
 
 @dataclass
@@ -179,19 +183,112 @@ def evaluate(model: torch.nn.Module, prep: Prepared, valid_pos: np.ndarray, devi
     return gather_rows(valid_pos, share, preds)
 
 
+@dataclass
+class FoldState:
+    """How far a fold has trained: with the weights, optimizer, scheduler and techniques, what `--resume` restores."""
+
+    step: int = 0  # optimizer steps taken
+    micro: int = 0  # micro-batches taken
+    best: float | None = None
+    best_step: int = -1
+    best_preds: np.ndarray | None = None
+    log: list[dict] = field(default_factory=list)  # one row per evaluation
+    skipped: int = 0  # optimizer steps the fp16 GradScaler skipped
+    elapsed_s: float = 0.0
+    running_loss: float = 0.0  # training loss summed since the last evaluation, for the log
+    running_n: int = 0
+
+
+@dataclass
+class Trainer:
+    """One fold's training objects, as `accelerator.prepare` returned them (DDP-wrapped where several processes)."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    techniques: Techniques
+
+    @property
+    def bare(self) -> TextModel:
+        return model_of(self.model)
+
+
+def start_fold_dir(cfg: Config, out: Path, resume: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
+        for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
+            (out / stale).unlink(missing_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+
+
+def new_model(prep: Prepared, train_pos: np.ndarray, main: bool) -> TextModel:
+    """The fold's model: pretrained backbone and new head, regression targets scaled on the fold's rows."""
+    cfg = prep.cfg
+    model, model_config = build_model(cfg.model, prep.outputs)
+    if cfg.data.task == "regression":
+        fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
+    if main:
+        save_backbone_files(prep, model_config)
+    if (cfg.train.rdrop > 0 or cfg.model.head == "msd") and not active_dropout(model):
+        warnings.warn("R-Drop and Multi-Sample Dropout need dropout, but every dropout in this model is 0: "
+                      "their extra terms are identically zero", stacklevel=3)
+    return model
+
+
+def make_trainer(model: TextModel, cfg: Config, plan: StepPlan, accelerator: Accelerator) -> Trainer:
+    t = cfg.train
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * plan.total_steps),
+                              num_training_steps=plan.total_steps)
+    techniques = build_techniques(t, model, plan.total_steps, plan.batches_per_epoch / t.grad_accum)
+    return Trainer(accelerator, *accelerator.prepare(model, optimizer, scheduler), techniques)
+
+
+def save_state(path: Path, tr: Trainer, fs: FoldState, started: float) -> None:
+    """Everything `--resume` needs to continue exactly from this optimizer step (every process's RNG)."""
+    rngs = gather_list(rng_state(tr.accelerator.device))
+    if not tr.accelerator.is_main_process:
+        return
+    scaler = tr.accelerator.scaler
+    save_torch_atomic(path, {
+        **{f.name: getattr(fs, f.name) for f in fields(FoldState)}, "elapsed_s": time.time() - started,
+        "model": tr.bare.state_dict(), "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs if len(rngs) > 1 else rngs[0],
+        "techniques": tr.techniques.state_dict()})
+
+
+def load_state(path: Path, tr: Trainer) -> FoldState:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    acc = tr.accelerator
+    tr.bare.load_state_dict(state["model"])
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    set_rng_state(rank_rng(state, path, acc.process_index, acc.num_processes), acc.device)
+    tr.techniques.load_state_dict(state.get("techniques", [{} for _ in tr.techniques]))
+    log = state["log"]
+    # (states saved before these keys existed resume from the last evaluation's time and a fresh loss average)
+    defaults = {"elapsed_s": log[-1]["elapsed_s"] if log else 0.0, "running_loss": 0.0, "running_n": 0}
+    return FoldState(**{f.name: state.get(f.name, defaults.get(f.name)) for f in fields(FoldState)})
+
+
 def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool = True) -> dict:
     """Train one fold, on this process or on every process of an `accelerate launch` / `torchrun` launch.
 
-    Set-up, then per micro-batch: this process's share of the global batch, forward and backward (gradients
-    exchanged only on a group's last micro-batch), and per optimizer step: clip, step, schedule, evaluate.
-    Gradient accumulation is counted here rather than by `accelerator.accumulate`: a last group cut short by
-    the end of the schedule averages over its own micro-batches, so that batch 4 x accumulation 3 takes the
-    same steps as batch 12 whatever the row count.
+    Set-up; then per micro-batch: this process's share of the global batch, forward and backward (gradients
+    exchanged only on a group's last micro-batch), the techniques' adversarial passes; per optimizer step:
+    clip, step, schedule, the techniques' averages; at an evaluation step: predict with the weights the
+    techniques evaluate (averaged or live), keep the best, log, save the state. Gradient accumulation is counted
+    here rather than by `accelerator.accumulate`: a last group cut short by the end of the schedule averages over
+    its own micro-batches, so that batch 4 x accumulation 3 takes the same steps as batch 12 whatever the rows.
     """
     cfg, t, task = prep.cfg, prep.cfg.train, prep.cfg.data.task
     if fold not in set(prep.fold.tolist()):
         raise PipelineError(f"fold {fold} does not exist: data.n_folds is {cfg.data.n_folds}")
-    out = fold_dir(cfg, fold)
+    out, state_path = fold_dir(cfg, fold), fold_dir(cfg, fold) / "state.pt"
     check_same_config(cfg, cfg.run_dir)
     if resume and (out / "metrics.json").exists():
         return read_json(out / "metrics.json")  # this fold finished before the interruption
@@ -202,147 +299,111 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     accelerator = make_accelerator(device, precision)
     device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process)
-    state_path = out / "state.pt"
     if main:  # only the main process writes
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
-            for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
-                (out / stale).unlink(missing_ok=True)
-        save_config(cfg, cfg.run_dir / "config.yaml")
+        start_fold_dir(cfg, out, resume)
     accelerator.wait_for_everyone()
     reset_peak_memory(device)
     set_seed(t.seed + fold)  # the same initial model on every process
 
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
-    model, model_config = build_model(cfg.model, prep.outputs)
-    if task == "regression":
-        fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
-    if main:
-        save_backbone_files(prep, model_config)
-    if (t.rdrop > 0 or cfg.model.head == "msd") and not active_dropout(model):
-        warnings.warn("R-Drop and Multi-Sample Dropout need dropout, but every dropout in this model is 0: "
-                      "their extra terms are identically zero", stacklevel=2)
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
     plan = step_plan(t, len(train_pos))
-    batches_per_epoch, total_micro, total_steps = plan.batches_per_epoch, plan.total_micro, plan.total_steps
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    tr = make_trainer(new_model(prep, train_pos, main), cfg, plan, accelerator)
+    model, optimizer, scheduler, techniques = tr.model, tr.optimizer, tr.scheduler, tr.techniques
     if rank:
         torch.manual_seed(t.seed + fold + 7919 * rank)  # other dropout masks on each process's rows
+    fs = load_state(state_path, tr) if resume and state_path.exists() else FoldState()
     pad_id = prep.tokenizer.pad_token_id or 0
     y_valid = metric_target(prep, valid_pos)
+    started, saved_at = time.time() - fs.elapsed_s, fs.step
 
-    step, micro, best, best_step, log, skipped = 0, 0, None, -1, [], 0
-    best_preds: np.ndarray | None = None
-    elapsed, running_loss, running_n = 0.0, 0.0, 0
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        model_of(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        step, micro, best, best_step = state["step"], state["micro"], state["best"], state["best_step"]
-        log, skipped, best_preds = state["log"], state["skipped"], state["best_preds"]
-        set_rng_state(rank_rng(state, state_path, rank, world), device)
-        # (states saved before these keys existed resume from the last evaluation's time and a fresh loss average)
-        elapsed = state.get("elapsed_s", log[-1]["elapsed_s"] if log else 0.0)
-        running_loss, running_n = state.get("running_loss", 0.0), state.get("running_n", 0)
-
-    started = time.time() - elapsed
-    saved_at = step
-
-    def save_state() -> None:
-        """Everything `--resume` needs to continue exactly from this optimizer step (every process's RNG)."""
-        nonlocal saved_at
-        if t.save_checkpoint and saved_at < step < total_steps:
-            rngs = gather_list(rng_state(device))
-            if main:
-                save_torch_atomic(state_path, {
-                    "model": model_of(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                    "step": step, "micro": micro, "best": best, "best_step": best_step, "log": log,
-                    "skipped": skipped, "best_preds": best_preds, "rng": rngs if world > 1 else rngs[0],
-                    "elapsed_s": time.time() - started, "running_loss": running_loss, "running_n": running_n})
-            saved_at = step
+    def forward_backward(batch: D.Batch, scale: float) -> torch.Tensor:
+        """A micro-batch's loss, and its gradients scaled to its share of the optimizer step."""
+        loss = training_loss(model, batch, task, t.rdrop)
+        accelerator.backward(loss * scale)
+        return loss
 
     bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    disable=not (progress and main), transient=False)
     with bar:
-        task_id = bar.add_task("train", total=total_steps, completed=step, status="")
-        epoch = micro // batches_per_epoch
-        while micro < total_micro:
+        task_id = bar.add_task("train", total=plan.total_steps, completed=fs.step, status="")
+        epoch = fs.micro // plan.batches_per_epoch
+        while fs.micro < plan.total_micro:
             batches = D.train_batches(prep.enc.lengths[train_pos], t.batch_size, t.seed + 1000 * fold + epoch,
                                       t.length_grouping)
-            start = micro - epoch * batches_per_epoch
-            for positions in batches[start:]:
-                if micro >= total_micro:
+            for positions in batches[fs.micro - epoch * plan.batches_per_epoch:]:
+                if fs.micro >= plan.total_micro:
                     break
                 model.train()
                 rows, weight = shard(positions, rank, world)
                 batch = D.collate(prep.enc, train_pos[rows].tolist(), pad_id, t.pad_to_multiple_of).to(device)
-                group = min(t.grad_accum, total_micro - (micro // t.grad_accum) * t.grad_accum)
-                last_of_group = (micro + 1) % t.grad_accum == 0 or micro + 1 == total_micro
+                group = min(t.grad_accum, plan.total_micro - (fs.micro // t.grad_accum) * t.grad_accum)
+                last_of_group = (fs.micro + 1) % t.grad_accum == 0 or fs.micro + 1 == plan.total_micro
                 with contextlib.nullcontext() if last_of_group else accelerator.no_sync(model):
-                    loss = training_loss(model, batch, task, t.rdrop)
+                    loss = forward_backward(batch, weight / group)
                     if not torch.isfinite(loss) and accelerator.scaler is None:  # fp16: the scaler skips the step
                         raise PipelineError(
-                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {step} "
+                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {fs.step} "
                             f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
-                    accelerator.backward(loss * (weight / group))
-                running_loss += loss.item() * weight
-                running_n += 1
-                micro += 1
+                    techniques.after_backward(tr.bare, partial(forward_backward, batch, weight / group), fs.step)
+                fs.running_loss += loss.item() * weight
+                fs.running_n += 1
+                fs.micro += 1
                 if not last_of_group:
                     continue
+
                 if t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
                 scheduler.step()  # not after a step the fp16 GradScaler skipped
                 optimizer.zero_grad(set_to_none=True)
-                skipped += optimizer.step_was_skipped  # fp16 gradients overflowed: the scaler lowered its scale
-                step += 1
-                bar.update(task_id, completed=step)
-                if step not in plan.eval_steps:
+                fs.skipped += optimizer.step_was_skipped  # fp16 gradients overflowed: the scaler lowered its scale
+                fs.step += 1
+                techniques.after_step(tr.bare, fs.step)
+                bar.update(task_id, completed=fs.step)
+                if fs.step not in plan.eval_steps:
                     continue
 
                 eval_started = time.time()
-                preds = evaluate(model, prep, valid_pos, device, precision, rank, world)
-                if not np.isfinite(preds).all():
-                    raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {step}")
-                value = score(cfg.metric, y_valid, preds)
-                train_loss = sum(gather_list(running_loss)) / world / max(running_n, 1)
-                if is_better(cfg.metric, value, best):
-                    best, best_step, best_preds = value, step, preds
-                    if t.save_checkpoint and main:
-                        save_torch_atomic(out / "model.pt", model_of(model).state_dict())
-                log.append({"step": step, "epoch": round(micro / batches_per_epoch, 3),
-                            "lr": max(scheduler.get_last_lr()), "train_loss": train_loss,
-                            cfg.metric: value, "eval_s": round(time.time() - eval_started, 2),
-                            "elapsed_s": round(time.time() - started, 2)})
-                running_loss, running_n = 0.0, 0
+                techniques.at_evaluation(tr.bare, fs.step)
+                with techniques.evaluation_weights(tr.bare):  # the weights evaluated and saved (EMA, SWA: averaged)
+                    preds = evaluate(model, prep, valid_pos, device, precision, rank, world)
+                    if not np.isfinite(preds).all():
+                        raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {fs.step}")
+                    value = score(cfg.metric, y_valid, preds)
+                    if is_better(cfg.metric, value, fs.best):
+                        fs.best, fs.best_step, fs.best_preds = value, fs.step, preds
+                        if t.save_checkpoint and main:
+                            save_torch_atomic(out / "model.pt", tr.bare.state_dict())
+                train_loss = sum(gather_list(fs.running_loss)) / world / max(fs.running_n, 1)
+                fs.log.append({"step": fs.step, "epoch": round(fs.micro / plan.batches_per_epoch, 3),
+                               "lr": max(scheduler.get_last_lr()), "train_loss": train_loss, cfg.metric: value,
+                               "eval_s": round(time.time() - eval_started, 2),
+                               "elapsed_s": round(time.time() - started, 2)})
+                fs.running_loss, fs.running_n = 0.0, 0
                 if main:
-                    write_csv_atomic(out / "log.csv", pd.DataFrame(log))
-                status = f"loss {train_loss:.4f}  {cfg.metric} {value:.4f} (best {best:.4f})"
+                    write_csv_atomic(out / "log.csv", pd.DataFrame(fs.log))
+                status = f"loss {train_loss:.4f}  {cfg.metric} {value:.4f} (best {fs.best:.4f})"
                 bar.update(task_id, status=status)
                 if progress and main and not bar.console.is_terminal:  # logs get a line per evaluation
-                    bar.console.print(f"{cfg.experiment} fold {fold} step {step}/{total_steps}: {status}")
-                save_state()
+                    bar.console.print(f"{cfg.experiment} fold {fold} step {fs.step}/{plan.total_steps}: {status}")
+                if t.save_checkpoint and saved_at < fs.step < plan.total_steps:
+                    save_state(state_path, tr, fs, started)
+                    saved_at = fs.step
             epoch += 1
-            if micro % t.grad_accum == 0:
-                save_state()  # at each epoch's end too: evaluations may begin late in the schedule
+            # at each epoch's end too: evaluations may begin late in the schedule
+            if fs.micro % t.grad_accum == 0 and t.save_checkpoint and saved_at < fs.step < plan.total_steps:
+                save_state(state_path, tr, fs, started)
+                saved_at = fs.step
 
-    metrics = {"fold": fold, "metric": cfg.metric, "score": best, "best_step": best_step, "steps": total_steps,
-               "train_rows": len(train_pos), "valid_rows": len(valid_pos), "precision": precision,
-               "device": str(device), "processes": world, "train_seconds": round(time.time() - started, 1),
-               "peak_memory_mb": peak_memory_mb(device), "skipped_steps": int(skipped)}
+    metrics = {"fold": fold, "metric": cfg.metric, "score": fs.best, "best_step": fs.best_step,
+               "steps": plan.total_steps, "train_rows": len(train_pos), "valid_rows": len(valid_pos),
+               "precision": precision, "device": str(device), "processes": world,
+               "train_seconds": round(time.time() - started, 1), "peak_memory_mb": peak_memory_mb(device),
+               "skipped_steps": int(fs.skipped)}
     if main:
-        write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, best_preds))
+        write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, fs.best_preds))
         write_json_atomic(out / "metrics.json", metrics)
         state_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
