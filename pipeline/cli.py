@@ -106,11 +106,13 @@ def train(config: ConfigArg,
           set_: SetOpt = None):
     """Fine-tune fold by fold, keeping each fold's best checkpoint by the competition metric."""
     from pipeline import train as T
+    from pipeline.distributed import is_main_process
 
     cfg = load_config(config, set_)
     for m in T.run(cfg, fold, resume=resume):
-        console.print(f"{cfg.experiment} fold {m['fold']}: {m['metric']} {m['score']:.5f} "
-                      f"(step {m['best_step']}/{m['steps']}, {m['train_seconds']:.0f}s, {m['precision']})")
+        if is_main_process():  # under a launcher every process trains; one reports
+            console.print(f"{cfg.experiment} fold {m['fold']}: {m['metric']} {m['score']:.5f} "
+                          f"(step {m['best_step']}/{m['steps']}, {m['train_seconds']:.0f}s, {m['precision']})")
 
 
 @app.command()

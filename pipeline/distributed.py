@@ -94,3 +94,8 @@ def gather_rows(positions: np.ndarray, share: np.ndarray, preds: np.ndarray) -> 
 def gather_list(item) -> list:
     """One item from each process, in rank order (a one-item list in a single process)."""
     return gather_object([item]) if PartialState().num_processes > 1 else [item]
+
+
+def is_main_process() -> bool:
+    """True in a single process and in the main process of a launch: where the CLI prints results."""
+    return PartialState().is_main_process

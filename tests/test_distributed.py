@@ -65,7 +65,8 @@ def test_two_processes_train_the_fold_one_process_trains(tmp_path, tiny_backbone
     """2 processes x 8 rows of each batch of 16 = 1 process x 16 rows (dropout 0, fp32): the same weights and
     validation predictions, each of the 83 validation rows once, and only the main process writes files."""
     path, cfg = config_file(tmp_path, tiny_backbone, "ddp", [])
-    launch(path, tmp_path / "oof", 2)  # records every write under oof/, the folds file included
+    done = launch(path, tmp_path / "oof", 2)  # records every write under oof/, the folds file included
+    assert done.stdout.count("ddp fold 0: rmse") == 1, done.stdout  # one process reports
     metrics = json.loads((fold0(cfg) / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["valid_rows"] == 83 and metrics["steps"] == 12
 
