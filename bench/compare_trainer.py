@@ -327,16 +327,22 @@ SHAPES = [  # (name, pad multiple, environment): every batch width, fewer widths
 ]
 
 
+def result_of(cmd: list[str], name: str, **run) -> dict:
+    """Run one measurement in its own process and return the JSON it printed after `RESULT `; exit naming it
+    if it failed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, **run)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
 def run_shapes(data: str) -> list[dict]:
     """One epoch per variant, each in its own process (the cache size is read when oneDNN starts)."""
     rows = []
     for name, multiple, env in SHAPES:
         cmd = [sys.executable, __file__, "--one-epoch", str(multiple), "--data", data]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        rows.append({"variant": name, **json.loads(line[-1][7:])})
+        rows.append({"variant": name, **result_of(cmd, name, env={**os.environ, **env})})
         r = rows[-1]
         print(f"{name:40s} {r['epoch_s']:6.1f} s/epoch  mean {r['mean_s_per_step']:.3f}  median "
               f"{r['median_s_per_step']:.3f} s/step  {r['widths']:3d} widths  peak {r['peak_memory_mb']:.0f} MB",
@@ -505,11 +511,7 @@ def main() -> None:
     for contender in order:
         cmd = [sys.executable, __file__, "--one", contender, "--data", args.data, "--epochs", str(args.epochs),
                *[f"--set={x}" for x in args.set]]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{contender} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[-1][7:]))
+        results.append(result_of(cmd, contender))
         r = results[-1]
         print(f"{contender:8s} {r['wall_s']:7.1f} s  {r['samples_per_s']:6.2f} samples/s  "
               f"{r['tokens_per_s']:7.0f} tokens/s  peak {r['peak_memory_mb']:.0f} MB  rmse last {r['rmse']:.4f} "

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -156,6 +155,8 @@ def main() -> None:
         r = run_one(args.data, int(args.one[0]), args.one[1], args.steps, args.profile)
         print("RESULT " + json.dumps(r))
         return
+    from bench.compare_trainer import result_of
+
     settings = [(n, a) for n in args.lengths for a in args.attentions]
     if args.recipe:
         settings += [(0, a) for a in args.attentions]
@@ -163,11 +164,7 @@ def main() -> None:
     for length, attention in settings:
         cmd = [sys.executable, __file__, "--one", str(length), attention, "--data", args.data,
                "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{length} {attention} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[-1][7:]))
+        rows.append(result_of(cmd, f"{length} {attention}", cwd=ROOT))
         r = rows[-1]
         print(f"{r['texts']:26s} {r['length']:5d} {attention:9s} {r['s_per_step']:.3f} s/step  "
               f"({' '.join(f'{t:.2f}' for t in r['times'])})", flush=True)

@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,17 +49,14 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args.data, args.steps, args.set)), flush=True)
         return
+    from compare_trainer import result_of
+
     configs = args.configs or sorted((ROOT / "configs").glob("commonlit_*.yaml"))
     configs.sort(key=lambda p: p.stem != "commonlit_baseline")  # baseline first
     rows = []
     for path in configs:
-        out = subprocess.run([sys.executable, __file__, "--one", str(path), "--data", args.data,
-                              "--steps", str(args.steps), *(f"--set={s}" for s in args.set)],
-                             capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{path.stem} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(line[-1][7:]))
+        rows.append(result_of([sys.executable, __file__, "--one", str(path), "--data", args.data,
+                               "--steps", str(args.steps), *(f"--set={s}" for s in args.set)], path.stem))
         base = rows[0]
         r = rows[-1]
         print(f"{r['experiment']:28s} {r['s_per_step']:.3f} s/step ({r['s_per_step'] / base['s_per_step']:.2f}x)  "

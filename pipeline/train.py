@@ -317,6 +317,13 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     y_valid = metric_target(prep, valid_pos)
     started, saved_at = time.time() - fs.elapsed_s, fs.step
 
+    def save_if_new() -> None:
+        """The state `--resume` continues from, after a step not saved yet (none after the last: the fold ends)."""
+        nonlocal saved_at
+        if t.save_checkpoint and saved_at < fs.step < plan.total_steps:
+            save_state(state_path, tr, fs, started)
+            saved_at = fs.step
+
     def forward_backward(batch: D.Batch, scale: float) -> torch.Tensor:
         """A micro-batch's loss, and its gradients scaled to its share of the optimizer step."""
         loss = training_loss(model, batch, task, t.rdrop)
@@ -388,20 +395,16 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
                 bar.update(task_id, status=status)
                 if progress and main and not bar.console.is_terminal:  # logs get a line per evaluation
                     bar.console.print(f"{cfg.experiment} fold {fold} step {fs.step}/{plan.total_steps}: {status}")
-                if t.save_checkpoint and saved_at < fs.step < plan.total_steps:
-                    save_state(state_path, tr, fs, started)
-                    saved_at = fs.step
+                save_if_new()
             epoch += 1
-            # at each epoch's end too: evaluations may begin late in the schedule
-            if fs.micro % t.grad_accum == 0 and t.save_checkpoint and saved_at < fs.step < plan.total_steps:
-                save_state(state_path, tr, fs, started)
-                saved_at = fs.step
+            if fs.micro % t.grad_accum == 0:
+                save_if_new()  # at each epoch's end too: evaluations may begin late in the schedule
 
     metrics = {"fold": fold, "metric": cfg.metric, "score": fs.best, "best_step": fs.best_step,
                "steps": plan.total_steps, "train_rows": len(train_pos), "valid_rows": len(valid_pos),
                "precision": precision, "device": str(device), "processes": world,
                "train_seconds": round(time.time() - started, 1), "peak_memory_mb": peak_memory_mb(device),
-               "skipped_steps": int(fs.skipped)}
+               "skipped_steps": fs.skipped}
     if main:
         write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, fs.best_preds))
         write_json_atomic(out / "metrics.json", metrics)
