@@ -65,8 +65,8 @@ predict: setup ## Test predictions averaged over folds: make predict CONFIG=...
 submit: setup ## Submission CSV: make submit EXPERIMENT=name
 	$(BIN)/pipeline submit $(EXPERIMENT) --out oof/$(EXPERIMENT)/submission.csv
 
-ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend
-	$(BIN)/pipeline ensemble $(EXPERIMENTS) --name $(or $(NAME),ensemble)
+ensemble: setup ## Blend: make ensemble EXPERIMENTS="a b" NAME=blend METHOD=nnls|hill|stack|mean
+	$(BIN)/pipeline ensemble $(EXPERIMENTS) --name $(or $(NAME),ensemble) $(if $(METHOD),--method $(METHOD))
 
 # The Kaggle kit of an experiment or blend (default: the recipe's), then its kernel run offline as Kaggle runs it.
 KIT_EXPERIMENT = $(or $(EXPERIMENT),$(basename $(notdir $(CONFIG))))

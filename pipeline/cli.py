@@ -128,10 +128,18 @@ def oof(config: ConfigArg, set_: SetOpt = None):
     for k, v in result["folds"].items():
         table.add_row(k, f"{v:.5f}")
     table.add_row("[bold]CV", f"[bold]{result['cv']:.5f}")
-    if "threshold" in result:  # tuned on these same predictions: optimistic, and what `submit` applies
-        table.add_row(f"at threshold {result['threshold']:.3f} (tuned on OOF)", f"{result['cv_at_threshold']:.5f}")
+    if "decision" in result:  # tuned on these same predictions: optimistic, and what `submit` applies
+        table.add_row(f"with {describe_decision(result['decision'])} (tuned on OOF)", f"{result['cv_decided']:.5f}")
     table.add_row(f"best constant: {result['constant_is']}", f"{result['constant']:.5f}")
     console.print(table)
+
+
+def describe_decision(decision: dict) -> str:
+    if decision["kind"] == "threshold":
+        return f"threshold {decision['threshold']:.3f}"
+    if decision["kind"] == "cuts":
+        return "cut points " + ", ".join(f"{c:.2f}" for c in decision["cuts"])
+    return "class weights " + ", ".join(f"{w:.2f}" for w in decision["weights"])
 
 
 @app.command()
@@ -148,17 +156,24 @@ def predict(config: ConfigArg, set_: SetOpt = None,
 @friendly
 def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment names under oof/.")],
              name: Annotated[str, typer.Option(help="Name of the blend's run directory.")] = "ensemble",
-             output_dir: Annotated[str, typer.Option(help="Where the experiments' run directories are.")] = "oof"):
-    """Blend experiments with non-negative weights summing to one, fit on their OOF predictions."""
+             output_dir: Annotated[str, typer.Option(help="Where the experiments' run directories are.")] = "oof",
+             method: Annotated[str, typer.Option(
+                 help="nnls: non-negative weights summing to one; hill: greedy forward selection with replacement; "
+                      "stack: ridge/logistic second stage with nested folds; mean: equal weights.")] = "nnls",
+             negative: Annotated[bool, typer.Option(help="hill: also try negative weights (regression).")] = False,
+             seeds: Annotated[bool, typer.Option(
+                 help="Each experiment also brings its runs at other seeds (NAME-seedN, as `pipeline grid` names "
+                      "them): with --method mean, a seed average.")] = False):
+    """Blend experiments on their OOF predictions and apply the blend to their test predictions."""
     from pipeline import ensemble as E
 
-    result = E.run(experiments, name, output_dir)
+    result = E.run(experiments, name, output_dir, method, negative, seeds)
     table = Table(title=f"ensemble '{name}': {result['metric']}")
     for col in ("member", "weight", result["metric"]):
         table.add_column(col)
     for e, v in result["members"].items():
-        table.add_row(e, f"{result['weights'][e]:.3f}", f"{v:.5f}")
-    table.add_row("[bold]blend", "1.000", f"[bold]{result['cv']:.5f}")
+        table.add_row(e, f"{result['weights'][e]:.3f}" if "weights" in result else "stacked", f"{v:.5f}")
+    table.add_row(f"[bold]blend ({result['method']})", "", f"[bold]{result['cv']:.5f}")
     console.print(table)
     if result.get("without_test_predictions"):
         console.print(f"no test predictions for the blend: run `pipeline predict` for "

@@ -21,9 +21,9 @@ from pipeline.errors import PipelineError
 
 TASKS = ("regression", "binary", "multiclass")
 METRICS = {
-    "regression": ("rmse", "mcrmse", "mae"),
+    "regression": ("rmse", "mcrmse", "mae", "qwk"),
     "binary": ("logloss", "auc", "accuracy", "f1"),
-    "multiclass": ("logloss", "accuracy", "f1", "auc"),
+    "multiclass": ("logloss", "accuracy", "f1", "auc", "qwk"),
 }
 
 
@@ -288,6 +288,8 @@ def validate(cfg: Config) -> None:
              f"{d.task} takes one label column, got {d.target_columns}")
     need(cfg.metric in METRICS[d.task], "train.metric",
          f"'{cfg.metric}' does not fit task '{d.task}'; choose one of {', '.join(METRICS[d.task])}")
+    need(cfg.metric != "qwk" or len(d.target_columns) == 1, "train.metric",
+         f"qwk scores one ordinal target, got {d.target_columns}")
     need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
 
 

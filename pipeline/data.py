@@ -91,6 +91,9 @@ def load_train(cfg: Config) -> pd.DataFrame:
                                     f"missing or not numeric, first at id {df[data.id_column].iloc[row]!r} "
                                     f"(value {df[col].iloc[row]!r})")
             df[col] = values.astype(float)
+            if cfg.metric == "qwk" and not np.equal(np.mod(values, 1), 0).all():
+                raise PipelineError(f"{path}: target column '{col}' has non-integer values (e.g. "
+                                    f"{values[np.mod(values, 1) != 0].iloc[0]!r}); qwk scores integer labels")
     else:
         (col,) = data.target_columns
         if df[col].isna().any():

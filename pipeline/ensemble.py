@@ -1,7 +1,9 @@
-"""Blend several experiments: weights fit on their OOF predictions (non-negative, summing to one).
+"""Blend several experiments, fit on their OOF predictions by one of pipeline/blend.py's methods (nnls, hill,
+stack, mean), and apply the fitted blend to their test predictions.
 
-The blend is never worse on OOF than its best member: when the optimizer's answer is not better, the best
-single member (weight one) is kept. The same weights are applied to the members' test predictions.
+A member may itself be a weighted blend (the seeds of one config averaged, say): the blend records each member
+as a weighted sum of trained experiments (`leaves`), which is what the Kaggle kit predicts with. A stacked
+blend cannot be a member (it is not a weighted sum).
 """
 
 from __future__ import annotations
@@ -10,37 +12,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
 
+from pipeline import blend as B
 from pipeline import data as D
+from pipeline import decision
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
-from pipeline.io import write_csv_atomic, write_json_atomic
-from pipeline.metrics import LOWER_IS_BETTER, score, threshold_fields
-from pipeline.runs import load_run_config, read_predictions
+from pipeline.io import read_json, write_csv_atomic, write_json_atomic
+from pipeline.metrics import score
+from pipeline.runs import load_run_config, read_predictions, seed_runs
 
 
-def fit_weights(y: np.ndarray, preds: list[np.ndarray], metric: str) -> np.ndarray:
-    """Weights on the simplex that optimize `metric` of the weighted mean of `preds`."""
-    sign = 1.0 if LOWER_IS_BETTER[metric] else -1.0
-    stack = np.stack(preds)
-
-    def loss(w: np.ndarray) -> float:
-        return sign * score(metric, y, np.tensordot(w, stack, axes=1))
-
-    n = len(preds)
-    candidates = [np.full(n, 1.0 / n)] + list(np.eye(n))
-    result = minimize(loss, candidates[0], method="SLSQP", bounds=[(0.0, 1.0)] * n,
-                      constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},))
-    if result.success:
-        w = np.clip(result.x, 0.0, None)
-        candidates.append(w / w.sum())
-    return min(candidates, key=loss)
-
-
-def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
+def run(experiments: list[str], name: str, output_dir: str = "oof", method: str = "nnls", negative: bool = False,
+        seeds: bool = False) -> dict:
+    """Fit the blend on OOF, write oof.csv, cv.json, ensemble.json (and test_predictions.csv when every member
+    has them) under output_dir/name. `seeds`: each experiment also brings its other seeds' runs (NAME-seedN)."""
     if len(experiments) < 1:
         raise PipelineError("ensemble: name at least one experiment")
+    if method not in B.METHODS:
+        raise PipelineError(f"ensemble: --method {method}; choose one of {', '.join(B.METHODS)}")
+    if negative and method != "hill":
+        raise PipelineError("ensemble: --negative is an option of --method hill")
+    if seeds:
+        experiments = [run for e in experiments for run in [e, *seed_runs(e, Path(output_dir))]]
     if name in experiments:
         raise PipelineError(f"ensemble: the name '{name}' would overwrite a member; choose another --name")
     out = Path(output_dir) / name
@@ -55,6 +49,11 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
             raise PipelineError(f"ensemble: '{e}' was trained on other data or targets than '{experiments[0]}' "
                                 f"({c.data.train_path} {c.data.target_columns} vs {first.data.train_path} "
                                 f"{first.data.target_columns})")
+    classification = first.data.task != "regression"
+    if negative and classification:
+        raise PipelineError("ensemble: --negative weights would make class probabilities negative; it is for "
+                            "regression")
+    leaves = {e: leaves_of(d) for e, d in zip(experiments, dirs)}
     id_col = first.data.id_column
     oofs = [read_predictions(d, "oof.csv", f"pipeline oof {d.name}", id_col) for d in dirs]
     columns = [c for c in oofs[0].columns if c not in (id_col, "fold")]
@@ -68,14 +67,23 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
     train = train.set_index(id_col).loc[oofs[0][id_col]].reset_index()  # truth joined by id
     y = D.target_array(first, train)
     preds = [o[columns].to_numpy(float) for o in oofs]
-    weights = fit_weights(y, preds, first.metric)
-    blend = np.tensordot(weights, np.stack(preds), axes=1)
+    fold = oofs[0]["fold"].to_numpy()
+    if method == "stack":
+        spec, blend = B.fit_stack(y, preds, fold, classification)
+    else:
+        weights = {"nnls": lambda: B.fit_weights(y, preds, first.metric),
+                   "hill": lambda: B.hill_climb(y, preds, first.metric, negative),
+                   "mean": lambda: np.full(len(preds), 1.0 / len(preds))}[method]()
+        spec = B.linear(weights)
+        blend = B.apply(spec, preds)
     members = {e: score(first.metric, y, p) for e, p in zip(experiments, preds)}
-    result = {"metric": first.metric, "members": members, "weights": dict(zip(experiments, weights.tolist())),
-              "cv": score(first.metric, y, blend)}
+    result = {"metric": first.metric, "method": method, "members": members, "cv": score(first.metric, y, blend),
+              "blend": spec, "leaves": leaves}
+    if spec["kind"] == "linear":
+        result["weights"] = dict(zip(experiments, spec["weights"]))
     oof = oofs[0][[id_col, "fold"]].copy()
     oof[columns] = blend
-    test = blend_test(dirs, experiments, weights, id_col, columns)  # checked before anything is written
+    test = blend_test(dirs, experiments, spec, id_col, columns)  # checked before anything is written
 
     write_csv_atomic(out / "oof.csv", oof)
     if test is not None:
@@ -90,25 +98,36 @@ def run(experiments: list[str], name: str, output_dir: str = "oof") -> dict:
     save_config(blended, out / "config.yaml")
     write_json_atomic(out / "ensemble.json", result)
     write_json_atomic(out / "cv.json", {"experiment": name, "metric": first.metric, "cv": result["cv"],
-                                        **threshold_fields(first.metric, first.data.task, y, blend)})
+                                        **decision.fields(first.metric, first.data.task, y, blend)})
     return result
 
 
-def blend_test(dirs: list[Path], experiments: list[str], weights: np.ndarray, id_col: str,
+def leaves_of(run_dir: Path) -> dict[str, float]:
+    """A member as a weighted sum of trained experiments: itself, or a weighted blend's flattened weights."""
+    path = Path(run_dir) / "ensemble.json"
+    if not path.exists():
+        return {Path(run_dir).name: 1.0}
+    saved = read_json(path)
+    if saved.get("blend", {"kind": "linear"})["kind"] != "linear":
+        raise PipelineError(f"ensemble: '{Path(run_dir).name}' is a stacked blend, which is no weighted sum of "
+                            f"experiments; blend its members instead")
+    inner = saved.get("leaves") or {m: {m: 1.0} for m in saved["weights"]}  # blends written before nesting
+    flat: dict[str, float] = {}
+    for member, w in saved["weights"].items():
+        for leaf, v in inner[member].items():
+            flat[leaf] = flat.get(leaf, 0.0) + w * v
+    return flat
+
+
+def blend_test(dirs: list[Path], experiments: list[str], spec: dict, id_col: str,
                columns: list[str]) -> pd.DataFrame | None:
-    """The members' test predictions with the blend's weights; None unless every member has them."""
+    """The members' test predictions through the fitted blend; None unless every member has them."""
     if not all((d / "test_predictions.csv").exists() for d in dirs):
         return None
     frames = [read_predictions(d, "test_predictions.csv", "", id_col) for d in dirs]
     for e, f in zip(experiments, frames):
         if not f[id_col].equals(frames[0][id_col]):
             raise PipelineError(f"ensemble: test predictions of '{e}' have other ids than '{experiments[0]}'")
-    return blend(frames, weights, id_col, columns)
-
-
-def blend(frames: list[pd.DataFrame], weights: np.ndarray, id_col: str, columns: list[str]) -> pd.DataFrame:
-    """The weighted sum of prediction frames that share their ids, row for row (the Kaggle kernel's blend too)."""
     out = frames[0][[id_col]].copy()
-    out[columns] = np.tensordot(np.asarray(weights, float), np.stack([f[columns].to_numpy(float) for f in frames]),
-                                axes=1)
+    out[columns] = B.apply(spec, [f[columns].to_numpy(float) for f in frames])
     return out

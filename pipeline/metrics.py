@@ -10,7 +10,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 LOWER_IS_BETTER = {"rmse": True, "mcrmse": True, "mae": True, "logloss": True,
-                   "auc": False, "accuracy": False, "f1": False}
+                   "auc": False, "accuracy": False, "f1": False, "qwk": False}
 
 
 def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +70,42 @@ def auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
 
 
+def ordinal_labels(y_true: np.ndarray) -> np.ndarray:
+    """The integer labels from the smallest to the largest target: what an ordinal regression is rounded to."""
+    y_true = np.asarray(y_true, float)
+    return np.arange(np.floor(y_true.min()), np.ceil(y_true.max()) + 1)
+
+
+def qwk(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Quadratic weighted kappa, the metric of ordinal scores (essay scoring: AES 2.0, ASAP).
+
+    Regression (targets of shape (n, 1)): predictions rounded to the nearest integer label within the targets'
+    range (cut points tuned on OOF replace the rounding at submission; pipeline/decision.py). Classification:
+    the most probable class, classes in their index order. Computed from the confusion matrix as
+    scikit-learn's cohen_kappa_score(weights="quadratic") does (a test holds them equal), fast enough to be
+    called thousands of times by the cut search.
+    """
+    y_true = np.asarray(y_true)
+    if y_true.ndim == 2:
+        y_true, y_pred = _pair(y_true, y_pred)
+        if y_true.shape[1] != 1:
+            raise ValueError(f"qwk scores one target, got {y_true.shape[1]}")
+        labels = ordinal_labels(y_true)
+        truth = (y_true[:, 0] - labels[0]).astype(int)
+        pred = (np.clip(np.floor(y_pred[:, 0] + 0.5), labels[0], labels[-1]) - labels[0]).astype(int)
+        k = len(labels)
+    else:
+        probs = np.asarray(y_pred)
+        truth, pred, k = y_true.astype(int), probs.argmax(axis=1), probs.shape[1]
+    observed = np.bincount(truth * k + pred, minlength=k * k).reshape(k, k).astype(float)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / max(len(truth), 1)
+    weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2
+    chance = float((weights * expected).sum())
+    return 1.0 - float((weights * observed).sum()) / chance if chance > 0 else 0.0
+
+
 METRIC_FUNCTIONS = {"rmse": rmse, "mcrmse": mcrmse, "mae": mae, "logloss": logloss,
-                    "accuracy": accuracy, "f1": f1, "auc": auc}
+                    "accuracy": accuracy, "f1": f1, "auc": auc, "qwk": qwk}
 
 
 def best_constant(metric: str, y_train: np.ndarray, n_rows: int, n_outputs: int) -> tuple[np.ndarray, str]:
@@ -119,14 +153,6 @@ def tune_threshold(metric: str, labels: np.ndarray, probs: np.ndarray) -> tuple[
     candidates = np.flatnonzero(values >= best - 1e-12)
     chosen = candidates[np.argmin(np.abs(cuts[candidates] - 0.5))]
     return float(cuts[chosen]), float(values[chosen])
-
-
-def threshold_fields(metric: str, task: str, labels: np.ndarray, probs: np.ndarray) -> dict:
-    """cv.json's tuned threshold for a binary task scored on labels (`submit` applies it); else nothing."""
-    if task != "binary" or metric not in ("f1", "accuracy"):
-        return {}
-    threshold, value = tune_threshold(metric, labels, probs)
-    return {"threshold": threshold, "cv_at_threshold": value}
 
 
 def score(metric: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:

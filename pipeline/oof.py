@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline import data as D
+from pipeline import decision
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.io import read_csv, read_json, write_csv_atomic, write_json_atomic
-from pipeline.metrics import best_constant, score, threshold_fields
+from pipeline.metrics import best_constant, score
 from pipeline.runs import missing_folds
 
 
@@ -42,7 +43,7 @@ def run(cfg: Config) -> dict:
     per_fold = {k: score(cfg.metric, y[fold == k], values[fold == k]) for k in range(cfg.data.n_folds)}
     result = {"experiment": cfg.experiment, "metric": cfg.metric, "cv": score(cfg.metric, y, values),
               "folds": {str(k): v for k, v in per_fold.items()},
-              **threshold_fields(cfg.metric, cfg.data.task, y, values),
+              **decision.fields(cfg.metric, cfg.data.task, y, values),
               **constant_score(cfg, y, fold, len(columns)),
               "train_seconds": sum(read_json(cfg.run_dir / f"fold{k}" / "metrics.json")["train_seconds"]
                                    for k in range(cfg.data.n_folds))}

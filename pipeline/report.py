@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import platform
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from pipeline import data as D
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, best_constant, is_better, score
-from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config
-
-SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
+from pipeline.runs import SEED_SUFFIX, WHERE_KEYS, differing_keys, load_run_config
 
 
 @dataclass

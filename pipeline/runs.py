@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,16 @@ import yaml
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
+
+# `pipeline grid` names the run of configs/x.yaml at another seed than the config's own `x-seed<N>`.
+SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
+
+
+def seed_runs(experiment: str, output_dir: Path) -> list[str]:
+    """The experiment's runs at other seeds (`<experiment>-seed<N>`, trained), in seed order."""
+    found = [p.name for p in Path(output_dir).glob(f"{experiment}-seed*")
+             if (p / "config.yaml").exists() and (m := SEED_SUFFIX.match(p.name)) and m["base"] == experiment]
+    return sorted(found, key=lambda n: int(SEED_SUFFIX.match(n)["seed"]))
 
 
 def missing_folds(cfg: Config, run_dir: Path | None = None) -> list[int]:

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import data as D
+from pipeline import decision as decisions
+from pipeline.decision import LABEL_METRICS
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_csv_atomic
+from pipeline.io import write_csv_atomic
 from pipeline.runs import load_run_config, read_predictions
-
-LABEL_METRICS = ("f1", "accuracy")  # scored on labels; every other classification metric on probabilities
 
 
 def _labels(classes: list[str]) -> np.ndarray:
@@ -23,19 +23,22 @@ def _labels(classes: list[str]) -> np.ndarray:
     return np.asarray(classes, dtype=object)
 
 
-def decide(probs: np.ndarray, classes: list[str], threshold: float = 0.5) -> np.ndarray:
-    """The predicted label of each row: the positive (second) class from `threshold` on (binary), else argmax."""
-    index = (probs[:, 1] >= threshold).astype(int) if len(classes) == 2 else probs.argmax(axis=1)
+def decide(probs: np.ndarray, classes: list[str], decision: dict | None = None) -> np.ndarray:
+    """The predicted label of each row: under the decision tuned on OOF (threshold, class weights), else argmax."""
+    if decision is None and len(classes) == 2:
+        decision = {"kind": "threshold", "threshold": 0.5}
+    index = decisions.apply(decision, probs) if decision else np.asarray(probs).argmax(axis=1)
     return _labels(classes)[index]
 
 
 def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, classes: list[str] | None,
-          sample_path: Path, metric: str | None = None, threshold: float = 0.5) -> pd.DataFrame:
+          sample_path: Path, metric: str | None = None, decision: dict | None = None) -> pd.DataFrame:
     """Fill sample_submission's columns from test predictions joined by id, in the form the metric scores.
 
-    Classification scored on labels (f1, accuracy) gets labels, the positive class from `threshold` on; scored on
-    probabilities (logloss, auc) it gets the probability of each class sample_submission names, or of the
-    positive class in a binary competition's single column.
+    Classification scored on labels (f1, accuracy, qwk) gets labels, under the `decision` tuned on OOF (the
+    binary threshold, class weights); scored on probabilities (logloss, auc) it gets the probability of each
+    class sample_submission names, or of the positive class in a binary competition's single column. An ordinal
+    regression scored by qwk gets integer labels through the decision's cut points.
     """
     if id_col not in sample.columns:
         raise PipelineError(f"{sample_path}: no id column '{id_col}'; columns found: {', '.join(sample.columns)}")
@@ -55,9 +58,15 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
     rows = preds.loc[sample_ids]
     out = sample[[id_col]].copy()
     labels = task != "regression" and metric in LABEL_METRICS
+    if task == "regression" and metric == "qwk":
+        if decision is None or decision.get("kind") != "cuts":
+            raise PipelineError("qwk scores integer labels and the cut points come from the OOF predictions: run "
+                                "`pipeline oof` (or `pipeline ensemble`) first; submission not written")
+        rows = rows.copy()
+        rows[pred_cols] = decisions.apply(decision, rows[pred_cols].to_numpy())[:, None].astype(int)
     if set(wanted) <= set(pred_cols):
         if labels:  # one column per class, scored on labels: a one-hot row
-            chosen = decide(rows[classes].to_numpy(), classes, threshold)
+            chosen = decide(rows[classes].to_numpy(), classes, decision)
             for c, name in zip(classes, _labels(classes)):
                 if c in wanted:
                     out[c] = (chosen == name).astype(int)
@@ -69,7 +78,7 @@ def build(preds: pd.DataFrame, sample: pd.DataFrame, id_col: str, task: str, cla
         if task == "binary" and not labels and pd.api.types.is_numeric_dtype(sample[wanted[0]]):
             out[wanted[0]] = probs[:, 1]  # probability of the positive (second) class
         else:
-            out[wanted[0]] = decide(probs, classes, threshold)
+            out[wanted[0]] = decide(probs, classes, decision)
     else:
         raise PipelineError(f"{sample_path}: sample_submission columns {wanted} do not match the predicted "
                             f"columns {pred_cols}")
@@ -88,12 +97,6 @@ def run(experiment: str, out: Path, output_dir: str = "oof", sample_path: Path |
     sample = D.read_table(sample_path, "sample_submission", [cfg.data.id_column], cfg.data.id_column)
     classes = None if cfg.data.task == "regression" else [c for c in preds.columns if c != cfg.data.id_column]
     submission = build(preds, sample, cfg.data.id_column, cfg.data.task, classes, sample_path, cfg.metric,
-                       decision_threshold(run_dir))
+                       decisions.load(run_dir))
     write_csv_atomic(Path(out), submission)
     return Path(out)
-
-
-def decision_threshold(run_dir: Path) -> float:
-    """The binary threshold tuned on the run's OOF predictions (cv.json), else 0.5."""
-    path = Path(run_dir) / "cv.json"
-    return float(read_json(path).get("threshold", 0.5)) if path.exists() else 0.5

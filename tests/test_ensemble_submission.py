@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import blend as B
 from pipeline import ensemble as E
 from pipeline import submission as S
 from pipeline.config import save_config
@@ -58,7 +59,7 @@ def test_property_weights_are_on_the_simplex(seed, members, metric):
         y, preds = regression_members(seed, members, targets=2 if metric == "mcrmse" else 1)
     else:
         y, preds = classification_members(seed, members)
-    check_weights(E.fit_weights(y, preds, metric), members)
+    check_weights(B.fit_weights(y, preds, metric), members)
 
 
 @FAST
@@ -71,7 +72,7 @@ def test_property_no_blend_of_the_members_beats_the_fitted_one(seed, members, me
     else:
         y, preds = regression_members(seed, members, targets=2 if metric == "mcrmse" else 1)
     stack = np.stack(preds)
-    fitted = score(metric, y, np.tensordot(E.fit_weights(y, preds, metric), stack, axes=1))
+    fitted = score(metric, y, np.tensordot(B.fit_weights(y, preds, metric), stack, axes=1))
     others = np.random.default_rng(seed).dirichlet(np.ones(members), size=100)
     best_other = min(score(metric, y, np.tensordot(w, stack, axes=1)) for w in others)
     assert fitted <= best_other * (1 + 1e-5), (fitted, best_other)  # SLSQP stops within ~3e-7
@@ -81,7 +82,7 @@ def test_independent_members_blend_better_than_either():
     rng = np.random.default_rng(0)
     y = rng.normal(size=(2000, 1))
     a, b = y + rng.normal(size=y.shape), y + rng.normal(size=y.shape)
-    w = E.fit_weights(y, [a, b], "rmse")
+    w = B.fit_weights(y, [a, b], "rmse")
     check_weights(w, 2)
     assert w == pytest.approx([0.5, 0.5], abs=0.05)
     blend = score("rmse", y, w[0] * a + w[1] * b)
@@ -92,7 +93,7 @@ def test_a_useless_member_gets_no_weight():
     rng = np.random.default_rng(1)
     y = rng.normal(size=(500, 1))
     good, noise = y + 0.1 * rng.normal(size=y.shape), rng.normal(size=y.shape) * 5
-    w = E.fit_weights(y, [noise, good], "rmse")
+    w = B.fit_weights(y, [noise, good], "rmse")
     check_weights(w, 2)
     assert w[1] > 0.97
 

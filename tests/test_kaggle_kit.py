@@ -148,13 +148,38 @@ def test_ensemble_kit_with_fp16_weights_blends_like_the_ensemble(tmp_path, tiny_
     assert half < 0.6 * fp32
 
 
+def test_kit_predicts_a_seed_mean_blend_and_a_stack_as_the_ensemble_did(tmp_path, tiny_backbone, work):
+    """A blend of blends (a seed mean) becomes one weight per trained run; a stack keeps its members' sums and
+    its coefficients; the kernel's predictions equal the ensemble's test predictions, and so do the submissions."""
+    a = trained(tmp_path, tiny_backbone, extra=["experiment=tiny_a", "train.seed=1"])
+    trained(tmp_path, tiny_backbone, extra=["experiment=tiny_a-seed43", "train.seed=43"])
+    trained(tmp_path, tiny_backbone, extra=["experiment=tiny_b", "train.seed=2", "model.pooling=cls"])
+    out, columns = str(a.output_dir), a.data.target_columns
+    ensemble.run(["tiny_a"], "a_seeds", out, method="mean", seeds=True)
+    kit = Path(a.output_dir).parent / "kit"
+    for name, method in (("nested", "mean"), ("stacked", "stack")):
+        ensemble.run(["a_seeds", "tiny_b"], name, out, method=method)
+        package(a, name, "--dataset", f"tester/tiny-{name}")
+        manifest = json.loads((kit / "models" / "MANIFEST.json").read_text())
+        assert [m["name"] for m in manifest["members"]] == ["tiny_a", "tiny_a-seed43", "tiny_b"]
+        if method == "mean":
+            assert [m["weight"] for m in manifest["members"]] == pytest.approx([0.25, 0.25, 0.5])
+        else:
+            assert manifest["stack"]["members"] == [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+        preds, _ = KR.predict_kit(kit / "models", manifest, a.data.test_path, "cpu", "fp32")
+        expected = pd.read_csv(Path(out) / name / "test_predictions.csv")
+        np.testing.assert_allclose(preds[columns], expected[columns], rtol=0, atol=1e-5)
+    rehearsal = R.run(kit, Path(a.data.dir), work)
+    check_same_submission(rehearsal.submission, reference(a, "stacked"), a.data.sample_submission_path, atol=1e-5)
+
+
 def test_binary_f1_kit_writes_the_labels_submit_writes(tmp_path, tiny_backbone, work):
     """Classification scored on labels: the kit carries the classes and the threshold tuned on OOF."""
     cfg = trained(tmp_path, tiny_backbone, "binary", ["train.metric=f1"])
     package(cfg, cfg.experiment, "--dataset", "tester/tiny-binary")
     manifest = json.loads((Path(cfg.output_dir).parent / "kit" / "models" / "MANIFEST.json").read_text())
     assert manifest["columns"] == ["neg", "pos"]
-    assert manifest["threshold"] == json.loads((cfg.run_dir / "cv.json").read_text())["threshold"]
+    assert manifest["decision"] == json.loads((cfg.run_dir / "cv.json").read_text())["decision"]
     rehearsal = R.run(Path(cfg.output_dir).parent / "kit", Path(cfg.data.dir), work)
     expected = reference(cfg, cfg.experiment)
     check_same_submission(rehearsal.submission, expected, cfg.data.sample_submission_path, atol=0)

@@ -40,9 +40,11 @@ def test_binary_single_column_follows_the_metric(metric, placeholder, expected):
 def test_labels_use_the_tuned_threshold_and_class_names():
     preds = probs_frame([0.2, 0.6, 0.9], classes=("ham", "spam"))
     sample = pd.DataFrame({"id": preds["id"], "label": "ham"})
-    out = S.build(preds, sample, "id", "binary", ["ham", "spam"], SAMPLE, "f1", threshold=0.7)
+    out = S.build(preds, sample, "id", "binary", ["ham", "spam"], SAMPLE, "f1",
+                  {"kind": "threshold", "threshold": 0.7})
     assert out["label"].tolist() == ["ham", "ham", "spam"]
-    assert S.build(preds, sample, "id", "binary", ["ham", "spam"], SAMPLE, "f1", threshold=0.15)["label"].tolist() \
+    assert S.build(preds, sample, "id", "binary", ["ham", "spam"], SAMPLE, "f1",
+                   {"kind": "threshold", "threshold": 0.15})["label"].tolist() \
         == ["spam"] * 3
 
 
@@ -110,12 +112,13 @@ def test_binary_f1_chain_prints_a_real_floor_and_submits_thresholded_labels(tmp_
     result = invoke("oof", config)
     cv = json.loads((tmp_path / "oof" / "f1run" / "cv.json").read_text())
     assert "always the positive class" in result.output and cv["constant"] > 0.3
-    assert cv["cv_at_threshold"] >= cv["cv"] and 0 < cv["threshold"] <= 1
+    threshold = cv["decision"]["threshold"]
+    assert cv["decision"]["kind"] == "threshold" and cv["cv_decided"] >= cv["cv"] and 0 < threshold <= 1
     invoke("predict", config)
     invoke("submit", "f1run", "--out", tmp_path / "sub.csv", "--output-dir", tmp_path / "oof")
     sub = pd.read_csv(tmp_path / "sub.csv")
     test = pd.read_csv(tmp_path / "oof" / "f1run" / "test_predictions.csv")
-    assert sub["label"].tolist() == (test["1"] >= cv["threshold"]).astype(int).tolist()
+    assert sub["label"].tolist() == (test["1"] >= threshold).astype(int).tolist()
     assert pd.api.types.is_integer_dtype(sub["label"])
 
     # Another test file and its own sample_submission

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline import data as D
-from pipeline.ensemble import blend
+from pipeline.blend import blend_frames
 from pipeline.errors import PipelineError
 from pipeline.io import write_csv_atomic
 from pipeline.kaggle import manifest as M
@@ -83,8 +82,8 @@ def predict_kit(kit: Path, manifest: dict, test_path: Path, device: str | None =
         test = D.load_test(cfg, test_path)
         frames.append(predict_table(cfg, kit / member["dir"], test, manifest["columns"], device, precision))
         timings.append((member["name"], time.perf_counter() - start))
-    weights = np.array([m["weight"] for m in manifest["members"]])
-    return blend(frames, weights, manifest["id_column"], manifest["columns"]), timings
+    weights = [m["weight"] for m in manifest["members"]]
+    return blend_frames(frames, manifest["id_column"], manifest["columns"], weights, manifest.get("stack")), timings
 
 
 def run(root: Path, out: Path, dataset: str | None = None, test: Path | None = None, sample: Path | None = None,
@@ -107,7 +106,7 @@ def run(root: Path, out: Path, dataset: str | None = None, test: Path | None = N
     sample_df = D.read_table(sample, "sample_submission", [id_col], id_col)
     classes = None if manifest["task"] == "regression" else manifest["columns"]
     submission = build(preds, sample_df, id_col, manifest["task"], classes, sample, manifest["metric"],
-                       manifest.get("threshold", 0.5))
+                       manifest.get("decision"))
     write_csv_atomic(Path(out), submission)
     print(f"submission: {out} ({len(submission)} rows)")
     return Path(out)

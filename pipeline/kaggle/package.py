@@ -19,7 +19,10 @@ import pandas as pd
 import torch
 
 from pipeline import data as D
+from pipeline import decision
+from pipeline.blend import blend_frames
 from pipeline.config import Config
+from pipeline.ensemble import leaves_of
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json_atomic
 from pipeline.kaggle import manifest as M
@@ -28,7 +31,6 @@ from pipeline.kaggle import wheels as W
 from pipeline.model import load_saved_tokenizer, model_from_saved
 from pipeline.predict import check_complete, checkpoints, predict_table
 from pipeline.runs import load_run_config
-from pipeline.submission import decision_threshold
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCRIPT = "inference.py"
@@ -38,7 +40,7 @@ MEASURE_ROWS = 256  # training rows added to the test rows when measuring what f
 @dataclass
 class Member:
     name: str
-    weight: float
+    weight: float | None  # None: an input of a stacker (the manifest's `stack` says how)
     run_dir: Path
     cfg: Config
     columns: list[str]
@@ -76,15 +78,30 @@ def kaggle_username() -> str | None:
         return None
 
 
-def members_of(experiment: str, output_dir: Path) -> list[Member]:
+def members_of(experiment: str, output_dir: Path) -> tuple[list[Member], dict | None]:
+    """The trained experiments the kit predicts with, and for a stacked blend how they feed its stacker.
+
+    A weighted blend (of experiments or of weighted blends) becomes one weight per experiment, and experiments
+    with weight zero are left out; a stacked blend keeps every experiment and its members' weighted sums.
+    """
     run_dir = output_dir / experiment
     if not run_dir.is_dir():
         raise PipelineError(f"package: no experiment '{experiment}' in {output_dir}")
     blend = run_dir / "ensemble.json"
-    weights = read_json(blend)["weights"] if blend.exists() else {experiment: 1.0}
+    saved = read_json(blend) if blend.exists() else None
+    stack = None
+    if saved is None:
+        weights = {experiment: 1.0}
+    elif saved.get("blend", {}).get("kind") == "stack":
+        names = list(dict.fromkeys(leaf for m in saved["leaves"].values() for leaf in m))
+        stack = {"members": [[saved["leaves"][m].get(n, 0.0) for n in names] for m in saved["members"]],
+                 "spec": saved["blend"]}
+        weights = dict.fromkeys(names)
+    else:
+        weights = leaves_of(run_dir)
     members = []
     for name, weight in weights.items():
-        if weight <= 0:
+        if weight is not None and weight == 0:
             continue  # nothing of it reaches the blend
         member_dir = output_dir / name
         if not (member_dir / "config.yaml").exists():
@@ -93,15 +110,15 @@ def members_of(experiment: str, output_dir: Path) -> list[Member]:
         check_complete(cfg, member_dir)
         head = D.read_table(member_dir / "fold0" / "valid_predictions.csv", "fold predictions",
                             [cfg.data.id_column], cfg.data.id_column)
-        members.append(Member(name, float(weight), member_dir, cfg, [c for c in head.columns
-                                                                     if c != cfg.data.id_column]))
+        members.append(Member(name, weight, member_dir, cfg, [c for c in head.columns
+                                                              if c != cfg.data.id_column]))
     first = members[0]
     for m in members[1:]:
         if (m.cfg.data.id_column, m.cfg.data.task, m.columns) != \
                 (first.cfg.data.id_column, first.cfg.data.task, first.columns):
             raise PipelineError(f"package: member '{m.name}' predicts {m.columns} ({m.cfg.data.task}), "
                                 f"'{first.name}' {first.columns} ({first.cfg.data.task})")
-    return members
+    return members, stack
 
 
 def check_rebuildable(m: Member) -> None:
@@ -156,13 +173,16 @@ def measure_rows(cfg: Config) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def difference(members: list[Member], kit_models: Path) -> tuple[float, int]:
+def difference(members: list[Member], stack: dict | None, kit_models: Path) -> tuple[float, int]:
     """Max |blend with fp32 weights - blend with the stored weights| over the measured rows, both in fp32."""
     rows = measure_rows(members[0].cfg)
-    full = sum(m.weight * predict_table(m.cfg, m.run_dir, rows, m.columns, "cpu", "fp32")[m.columns].to_numpy()
-               for m in members)
-    stored = sum(m.weight * predict_table(m.cfg, kit_models / m.name, rows, m.columns, "cpu", "fp32")[m.columns]
-                 .to_numpy() for m in members)
+    columns, id_col = members[0].columns, members[0].cfg.data.id_column
+
+    def blended(where) -> np.ndarray:
+        frames = [predict_table(m.cfg, where(m), rows, columns, "cpu", "fp32") for m in members]
+        return blend_frames(frames, id_col, columns, [m.weight for m in members], stack)[columns].to_numpy()
+
+    full, stored = blended(lambda m: m.run_dir), blended(lambda m: kit_models / m.name)
     return float(np.abs(full - stored).max()), len(rows)
 
 
@@ -191,7 +211,7 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
     if weights not in DTYPES:
         raise PipelineError(f"package: --weights '{weights}'; choose one of {', '.join(DTYPES)}")
     output_dir, out = Path(output_dir), Path(out)
-    members = members_of(experiment, output_dir)
+    members, stack = members_of(experiment, output_dir)
     first = members[0].cfg
     image_spec = W.load_image(image)
     models_id, wheels_id, kernel_id = ids(experiment, dataset)
@@ -215,17 +235,18 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
             copy_member(m, models / m.name, DTYPES[weights])
         stored = {"dtype": weights}
         if DTYPES[weights] is not None:
-            kit.difference, kit.measured_rows = difference(members, models)
+            kit.difference, kit.measured_rows = difference(members, stack, models)
             stored.update(max_abs_difference=kit.difference, measured_rows=kit.measured_rows)
         write_json_atomic(models / "dataset-metadata.json", models_meta)
         M.write(models, {
             "dataset": models_id, "experiment": experiment, "competition": competition,
             "task": first.data.task, "metric": first.metric, "id_column": first.data.id_column,
-            "columns": members[0].columns, "threshold": decision_threshold(output_dir / experiment),
+            "columns": members[0].columns, "decision": decision.load(output_dir / experiment),
             "test_file": first.data.test_file or "test.csv",
             "sample_submission_file": first.data.sample_submission_file or "sample_submission.csv",
             "members": [{"name": m.name, "dir": m.name, "weight": m.weight, "folds": m.cfg.data.n_folds}
                         for m in members],
+            **({"stack": stack} if stack else {}),
             "weights": stored})
 
         wheels = tmp / "wheels"
