@@ -13,7 +13,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle
+.PHONY: help setup demo test test-slow lint folds pretrain train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ lint: setup ## ruff
 
 folds: setup ## Assign folds: make folds CONFIG=configs/x.yaml
 	$(BIN)/pipeline folds $(CONFIG) $(ARGS)
+
+pretrain: setup ## MLM pre-training of the backbone on the config's texts: make pretrain CONFIG=... (writes backbones/<experiment>)
+	$(BIN)/pipeline pretrain $(CONFIG) $(ARGS)
 
 # GPUS=N trains each fold on N GPUs, one process per GPU (DDP): accelerate launch --multi_gpu.
 GPUS ?=

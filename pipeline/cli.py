@@ -21,8 +21,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune transformers on a text competition: folds -> train -> oof -> predict -> "
-                       "ensemble -> submission.")
+                  help="Fine-tune transformers on a text competition: folds -> [pretrain] -> train -> oof -> "
+                       "predict -> ensemble -> submission.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -113,6 +113,23 @@ def train(config: ConfigArg,
         if is_main_process():  # under a launcher every process trains; one reports
             console.print(f"{cfg.experiment} fold {m['fold']}: {m['metric']} {m['score']:.5f} "
                           f"(step {m['best_step']}/{m['steps']}, {m['train_seconds']:.0f}s, {m['precision']})")
+
+
+@app.command()
+@friendly
+def pretrain(config: ConfigArg, set_: SetOpt = None):
+    """Masked-LM pre-training of model.backbone on the competition's texts (train, test, pretrain.extra_files).
+
+    Writes the encoder to pretrain.output (default backbones/<experiment>): train from it with model.backbone.
+    """
+    from pipeline import pretrain as PT
+
+    result = PT.run(load_config(config, set_))
+    console.print(f"backbone: {result['output']}  (train from it with model.backbone: {result['output']})",
+                  soft_wrap=True, highlight=False)
+    console.print(f"held-out MLM loss {result['loss_before']:.4f} -> {result['loss_after']:.4f} "
+                  f"({result['steps']} steps, {result['seconds']:.0f}s, {result['masking']} masking, "
+                  f"{result['texts']} texts)", soft_wrap=True, highlight=False)
 
 
 @app.command()

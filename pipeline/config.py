@@ -121,10 +121,33 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`pipeline pretrain`: masked-LM training of model.backbone on the competition's texts before fine-tuning.
+
+    Nothing here changes what `pipeline train` computes: training reads the result through `model.backbone`.
+    Where it runs (train.device, train.precision, train.num_threads) is the train section's.
+    """
+
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    mask_rate: float = 0.15  # BERT's share of tokens predicted (of words, with whole_word)
+    whole_word: bool = True  # mask every piece of a chosen word: "##ing" is not guessed from "runn" beside it
+    extra_files: list[str] = field(default_factory=list)  # more CSVs (relative to data.dir) with data.text_columns
+    max_length: int | None = None  # null: data.max_length, the length training reads
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 42
+    output: str | None = None  # null: backbones/<experiment>
+    eval_fraction: float = 0.05  # texts held out to measure the MLM loss before, during and after
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     experiment: str = "experiment"
     output_dir: str = "oof"
 
@@ -143,7 +166,7 @@ class Config:
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "pretrain": PretrainConfig}
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> PipelineError:
@@ -290,6 +313,16 @@ def validate(cfg: Config) -> None:
          f"'{cfg.metric}' does not fit task '{d.task}'; choose one of {', '.join(METRICS[d.task])}")
     need(cfg.metric != "qwk" or len(d.target_columns) == 1, "train.metric",
          f"qwk scores one ordinal target, got {d.target_columns}")
+    p = cfg.pretrain
+    need(p.epochs > 0, "pretrain.epochs", f"must be positive, got {p.epochs}")
+    need(p.lr > 0, "pretrain.lr", f"must be positive, got {p.lr}")
+    need(p.batch_size >= 1, "pretrain.batch_size", f"must be at least 1, got {p.batch_size}")
+    need(0 < p.mask_rate < 1, "pretrain.mask_rate", f"must be in (0, 1), got {p.mask_rate}")
+    need(p.max_length is None or p.max_length >= 8, "pretrain.max_length", f"must be at least 8, got {p.max_length}")
+    need(0 <= p.warmup_ratio < 1, "pretrain.warmup_ratio", f"must be in [0, 1), got {p.warmup_ratio}")
+    need(p.weight_decay >= 0, "pretrain.weight_decay", f"must be >= 0, got {p.weight_decay}")
+    need(0 < p.eval_fraction < 1, "pretrain.eval_fraction", f"must be in (0, 1), got {p.eval_fraction}")
+    need(p.output is None or p.output.strip() != "", "pretrain.output", "must be a folder, or null")
     need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
 
 
@@ -304,7 +337,7 @@ def _read_chain(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
-        raise PipelineError(f"{path}: expected a mapping of sections (data, model, train)")
+        raise PipelineError(f"{path}: expected a mapping of sections (data, model, train, pretrain)")
     base = values.pop("base", None)
     if base is None:
         return [(path, values)]

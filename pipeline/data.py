@@ -152,16 +152,22 @@ class Encoded:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
+def tokenize(tokenizer, texts: list[list[str]], max_length: int):
+    """One list per text column; two columns become a text pair, more are joined by the separator.
+
+    The one place the model's input is made from text columns: training, prediction and `pretrain` all read it.
+    """
+    if len(texts) == 2:
+        return tokenizer(texts[0], texts[1], truncation="longest_first", max_length=max_length)
+    sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
+    joined = texts[0] if len(texts) == 1 else [sep.join(parts) for parts in zip(*texts)]
+    return tokenizer(joined, truncation=True, max_length=max_length)
+
+
 def encode(tokenizer, df: pd.DataFrame, text_columns: list[str], max_length: int,
            targets: np.ndarray | None = None) -> Encoded:
-    """Tokenize every row once; two text columns become a text pair, more are joined by the separator."""
-    texts = [df[c].astype(str).tolist() for c in text_columns]
-    if len(texts) == 2:
-        enc = tokenizer(texts[0], texts[1], truncation="longest_first", max_length=max_length)
-    else:
-        sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "
-        joined = texts[0] if len(texts) == 1 else [sep.join(parts) for parts in zip(*texts)]
-        enc = tokenizer(joined, truncation=True, max_length=max_length)
+    """Tokenize every row once (see `tokenize`)."""
+    enc = tokenize(tokenizer, [df[c].astype(str).tolist() for c in text_columns], max_length)
     return Encoded(enc["input_ids"], enc.get("token_type_ids"), targets, max_length)
 
 

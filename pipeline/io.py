@@ -3,8 +3,11 @@ CSV reads that keep ids as written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,28 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
     tmp = _tmp(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def folder_atomic(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; on success it replaces `path`, on an error it is removed.
+
+    A folder that is the model another stage loads (a pre-trained backbone) is either the whole new one or the
+    earlier one, never half of each: the earlier one is set aside only once the new one is complete.
+    """
+    path = Path(path)
+    tmp = _tmp(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_csv(path: Path, id_column: str | None = None) -> pd.DataFrame:

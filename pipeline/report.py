@@ -21,7 +21,7 @@ from pipeline import data as D
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, best_constant, is_better, score
-from pipeline.runs import SEED_SUFFIX, WHERE_KEYS, differing_keys, load_run_config
+from pipeline.runs import PRETRAIN_KEYS, SEED_SUFFIX, WHERE_KEYS, differing_keys, load_run_config
 
 
 @dataclass
@@ -175,8 +175,9 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# Keys that name or place a run rather than change what it trains.
-NOT_A_CHANGE = {"experiment", "output_dir", "data.dir", "train.seed", "train.num_threads", "train.save_checkpoint"}
+# Keys that name or place a run rather than change what it trains (a pre-trained backbone shows as model.backbone).
+NOT_A_CHANGE = {"experiment", "output_dir", "data.dir", "train.seed", "train.num_threads",
+                "train.save_checkpoint"} | PRETRAIN_KEYS
 
 
 def changes(exp: Experiment, base: Experiment) -> str:

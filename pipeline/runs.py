@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, PretrainConfig, config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 
@@ -40,6 +41,9 @@ def load_run_config(run_dir: Path) -> Config:
 # (e.g. some folds on a CPU in bf16, the rest on a GPU in fp16).
 WHERE_KEYS = {"data.dir", "train.num_threads", "train.save_checkpoint", "train.device", "train.precision",
               "model.attention", "model.fast_dropout", "train.pad_to_multiple_of"}
+
+# How `pipeline pretrain` makes a backbone: training reads only the result, through model.backbone.
+PRETRAIN_KEYS = {f"pretrain.{f.name}" for f in dataclasses.fields(PretrainConfig)}
 
 
 # Keys added after runs were saved without them, with the value those runs computed with where it differs from
@@ -76,7 +80,7 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
     for dotted, value in COMPUTED_BEFORE.items():
         section, key = dotted.split(".")
         saved.setdefault(section, {}).setdefault(key, value)
-    changed = differing_keys(saved, cfg.to_dict(), WHERE_KEYS)
+    changed = differing_keys(saved, cfg.to_dict(), WHERE_KEYS | PRETRAIN_KEYS)
     if changed:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise PipelineError(f"{path} was written by a run with other settings ({listed}). "

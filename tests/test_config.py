@@ -22,6 +22,7 @@ def write_yaml(path, values):
     ("model.drop_out=0.1", "model.drop_out", "model.dropout"),
     ("data.n_fold=5", "data.n_fold", "data.n_folds"),
     ("experimnt=abc", "experimnt", "experiment"),
+    ("pretrain.mask_ratio=0.2", "pretrain.mask_ratio", "pretrain.mask_rate"),
 ])
 def test_unknown_override_key_suggests_the_nearest(override, typo, suggestion):
     with pytest.raises(PipelineError) as err:
@@ -53,6 +54,8 @@ def test_unknown_section_is_an_error(tmp_path):
     ("data.task=ranking", "data.task"),
     ("train.epochs=[1,2]", "train.epochs"),
     ("data.target_columns={a: 1}", "data.target_columns"),
+    ("pretrain.whole_word=maybe", "pretrain.whole_word"),
+    ("pretrain.extra_files={a: 1}", "pretrain.extra_files"),
 ])
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(PipelineError, match=f"config key '{key}'"):
@@ -84,6 +87,12 @@ def test_section_that_is_not_a_mapping(tmp_path):
     ("data.n_folds=1", "data.n_folds"),
     ("data.fold_bins=1", "data.fold_bins"),
     ("train.metric=auc", "train.metric"),  # auc does not fit the default regression task
+    ("pretrain.mask_rate=0", "pretrain.mask_rate"),
+    ("pretrain.mask_rate=1.0", "pretrain.mask_rate"),
+    ("pretrain.eval_fraction=0", "pretrain.eval_fraction"),
+    ("pretrain.epochs=0", "pretrain.epochs"),
+    ("pretrain.lr=0", "pretrain.lr"),
+    ("pretrain.max_length=4", "pretrain.max_length"),
 ])
 def test_out_of_range_value_names_the_key(override, key):
     with pytest.raises(PipelineError, match=f"config key '{key}'"):
