@@ -39,6 +39,15 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_joblib_atomic(path: Path, obj: Any) -> None:
+    """A scikit-learn model (joblib, which ships with scikit-learn: imported only where one is saved)."""
+    import joblib
+
+    tmp = _tmp(path)
+    joblib.dump(obj, tmp)
+    os.replace(tmp, path)
+
+
 def read_csv(path: Path, id_column: str | None = None) -> pd.DataFrame:
     """A CSV whose id column stays text as written: `0007` is not the number 7, `NA` is not missing."""
     if id_column is None:
