@@ -104,7 +104,8 @@ def train(config: ConfigArg,
           resume: Annotated[bool, typer.Option(help="Continue from the last saved state; skip finished folds.")]
           = False,
           set_: SetOpt = None):
-    """Fine-tune fold by fold, keeping each fold's best checkpoint by the competition metric."""
+    """Fine-tune fold by fold, keeping each fold's best checkpoint by the competition metric (model.kind tfidf:
+    fit TF-IDF + a linear model on each fold's training rows)."""
     from pipeline import train as T
     from pipeline.distributed import is_main_process
 

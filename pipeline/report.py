@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from pipeline import data as D
+from pipeline.config import Config, applies
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv, read_json, write_text_atomic
 from pipeline.metrics import LOWER_IS_BETTER, best_constant, is_better, score
@@ -181,9 +182,19 @@ NOT_A_CHANGE = {"experiment", "output_dir", "data.dir", "train.seed", "train.num
 
 
 def changes(exp: Experiment, base: Experiment) -> str:
-    """The config keys in which an experiment differs from the baseline, e.g. `model.mixout=0.1`."""
-    diff = differing_keys(exp.runs[0].config.to_dict(), base.runs[0].config.to_dict(), NOT_A_CHANGE)
-    return ", ".join(f"{k}={mine}" for k, mine, _ in diff) or "—"
+    """The config keys in which an experiment differs from the baseline, e.g. `model.mixout=0.1`.
+
+    Only keys that act on the experiment's `model.kind` count: a key both kinds use is compared with the baseline,
+    a key of this kind alone with its default. Against a fine-tuned baseline a tfidf row so lists `model.kind=tfidf`
+    and the `tfidf.` keys it set, not the fine-tuning keys it ignores.
+    """
+    mine, theirs = exp.runs[0].config, base.runs[0].config
+    kind, base_kind = mine.model.kind, theirs.model.kind
+    with_base = differing_keys(mine.to_dict(), theirs.to_dict(), NOT_A_CHANGE)
+    with_defaults = differing_keys(mine.to_dict(), Config().to_dict(), NOT_A_CHANGE)
+    listed = [(k, v) for k, v, _ in with_base if applies(k, kind) and applies(k, base_kind)]
+    listed += [(k, v) for k, v, _ in with_defaults if applies(k, kind) and not applies(k, base_kind)]
+    return ", ".join(f"{k}={value}" for k, value in listed) or "—"
 
 
 def _plots(experiments: dict[str, Experiment], table: pd.DataFrame, baseline: str, metric: str, out_dir: Path,
@@ -235,6 +246,17 @@ def dropouts(model) -> str:
     hidden = effective_dropout(model)
     attention = hidden if model.attention_dropout is None else model.attention_dropout
     return f"dropout (baseline): {_rate(hidden)}, attention probabilities {_rate(attention)}"
+
+
+def model_line(cfg) -> str:
+    """The baseline's model for the report's header: the backbone and its dropout, or the TF-IDF features."""
+    if cfg.model.kind == "transformer":
+        return f"{cfg.model.backbone}; {dropouts(cfg.model)}"
+    t = cfg.tfidf
+    grams = [f"{name} {span[0]}-{span[1]}-grams" for name, span in (("word", t.word_ngrams),
+                                                                    (t.char_analyzer, t.char_ngrams)) if span]
+    linear = f"Ridge alpha {t.alpha:g}" if cfg.data.task == "regression" else f"LogisticRegression C {t.C:g}"
+    return f"TF-IDF ({', '.join(grams)}) + {linear} (model.kind tfidf)"
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -352,12 +374,13 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
              f"- command: `{command}`",
              f"- dataset: {first.data.train_path} ({first.data.task}, target {', '.join(first.data.target_columns)}, "
              f"metric {metric}, {'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)",
-             f"- model: {first.model.backbone}; {dropouts(first.model)}; folds: {first.data.n_folds}; seeds: {seeds}; "
+             f"- model: {model_line(first)}; folds: {first.data.n_folds}; seeds: {seeds}; "
              f"precision: {', '.join(precisions)}",
-             f"- training (baseline): {first.train.epochs:g} epoch(s), batch {first.train.batch_size}, lr "
-             f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "
-             f"{first.train.eval_every or 'half epoch'} steps from {first.train.eval_start:.0%} of training, "
-             "best evaluation kept",
+             *([] if first.model.kind == "tfidf" else [
+                 f"- training (baseline): {first.train.epochs:g} epoch(s), batch {first.train.batch_size}, lr "
+                 f"{first.train.lr:g}, max length {first.data.max_length}, evaluation every "
+                 f"{first.train.eval_every or 'half epoch'} steps from {first.train.eval_start:.0%} of training, "
+                 "best evaluation kept"]),
              f"- hardware: {hardware()}, torch {torch.__version__}", "",
              "| experiment | changes | seeds | OOF CV | fold mean ± std | Δ vs baseline | wins | Wilcoxon p | "
              "paired t p | failed runs | s / fold | peak MB |",

@@ -473,7 +473,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run(cfg: Config, folds: list[int] | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Train the given folds (default: all) of one experiment."""
+    """Train the given folds (default: all) of one experiment: fine-tuned here, or by the module of its kind."""
+    if cfg.model.kind == "tfidf":  # TF-IDF + a linear model: no tokenizer, no loop
+        from pipeline import bow
+
+        return bow.run(cfg, folds, resume=resume)
     prep = prepare(cfg)
     return [train_fold(prep, k, resume=resume, progress=progress)
             for k in (folds if folds is not None else range(cfg.data.n_folds))]

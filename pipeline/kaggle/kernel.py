@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -112,7 +113,13 @@ def run(root: Path, out: Path, dataset: str | None = None, test: Path | None = N
     return Path(out)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of the notebook's log (e.g. fold models saved by another scikit-learn than the image's)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = show_warning
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="python -m pipeline.kaggle.kernel", description=__doc__.split("\n")[0])

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import bow, decision
 from pipeline import data as D
-from pipeline import decision
 from pipeline.blend import blend_frames
 from pipeline.config import Config
 from pipeline.ensemble import leaves_of
@@ -44,6 +44,7 @@ class Member:
     run_dir: Path
     cfg: Config
     columns: list[str]
+    scikit_learn: list[str] = field(default_factory=list)  # tfidf: the versions that saved its fold models
 
 
 @dataclass
@@ -123,6 +124,9 @@ def members_of(experiment: str, output_dir: Path) -> tuple[list[Member], dict | 
 
 def check_rebuildable(m: Member) -> None:
     """Every fold's model comes back from the run directory's own files, offline (what the kernel will do)."""
+    if m.cfg.model.kind == "tfidf":
+        m.scikit_learn = sorted({bow.load_fold_model(path)["scikit_learn"] for path in checkpoints(m.cfg, m.run_dir)})
+        return
     backbone = m.run_dir / "backbone"
     os.environ["HF_HUB_OFFLINE"] = "1"
     problem = None if (backbone / "config.json").exists() else "no config.json"
@@ -156,6 +160,11 @@ def store_weights(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
 def copy_member(m: Member, dst: Path, dtype: torch.dtype | None) -> None:
     dst.mkdir(parents=True)
     shutil.copy2(m.run_dir / "config.yaml", dst / "config.yaml")
+    if m.cfg.model.kind == "tfidf":  # scikit-learn models as saved: no backbone, no torch weights to halve
+        for path in checkpoints(m.cfg, m.run_dir):
+            (dst / path.parent.name).mkdir()
+            shutil.copy2(path, dst / path.parent.name / path.name)
+        return
     shutil.copytree(m.run_dir / "backbone", dst / "backbone")
     for k, path in enumerate(checkpoints(m.cfg, m.run_dir)):
         store_weights(path, dst / f"fold{k}" / "model.pt", dtype)
@@ -212,6 +221,10 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
         raise PipelineError(f"package: --weights '{weights}'; choose one of {', '.join(DTYPES)}")
     output_dir, out = Path(output_dir), Path(out)
     members, stack = members_of(experiment, output_dir)
+    if DTYPES[weights] is not None and all(m.cfg.model.kind == "tfidf" for m in members):
+        raise PipelineError(f"package: --weights {weights} stores transformer weights in half precision, and "
+                            f"'{experiment}' has none (model.kind tfidf: scikit-learn models, copied as saved); "
+                            f"leave --weights at fp32")
     first = members[0].cfg
     image_spec = W.load_image(image)
     models_id, wheels_id, kernel_id = ids(experiment, dataset)
@@ -244,7 +257,8 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
             "columns": members[0].columns, "decision": decision.load(output_dir / experiment),
             "test_file": first.data.test_file or "test.csv",
             "sample_submission_file": first.data.sample_submission_file or "sample_submission.csv",
-            "members": [{"name": m.name, "dir": m.name, "weight": m.weight, "folds": m.cfg.data.n_folds}
+            "members": [{"name": m.name, "dir": m.name, "weight": m.weight, "folds": m.cfg.data.n_folds,
+                         "kind": m.cfg.model.kind, **({"scikit_learn": m.scikit_learn} if m.scikit_learn else {})}
                         for m in members],
             **({"stack": stack} if stack else {}),
             "weights": stored})
