@@ -52,7 +52,7 @@ def folder_atomic(path: Path) -> Iterator[Path]:
     path = Path(path)
     tmp = _tmp(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
         yield tmp
         old = path.with_name(f".{path.name}.{os.getpid()}.old")

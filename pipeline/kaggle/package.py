@@ -24,7 +24,7 @@ from pipeline.blend import blend_frames
 from pipeline.config import Config
 from pipeline.ensemble import leaves_of
 from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_json_atomic
+from pipeline.io import folder_atomic, read_json, write_json_atomic
 from pipeline.kaggle import manifest as M
 from pipeline.kaggle import metadata as K
 from pipeline.kaggle import wheels as W
@@ -240,9 +240,7 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
         check_rebuildable(m)
 
     kit = Kit(out, models_id, wheels_id, kernel_id, competition)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with folder_atomic(out) as tmp:  # a kit is whole or absent: an error leaves the earlier kit as it was
         models = tmp / "models"
         for m in members:
             copy_member(m, models / m.name, DTYPES[weights])
@@ -277,14 +275,6 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
         (kernel / SCRIPT).write_text(kernel_script(models_id, wheels_id))
         write_json_atomic(kernel / "kernel-metadata.json", kernel_meta)
         kit.sizes = {name: folder_size(tmp / name) for name in ("models", "wheels", "kernel")}
-
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return kit
 
 
