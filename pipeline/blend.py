@@ -7,14 +7,17 @@ function that computes a fitted blend (for the test predictions and in the Kaggl
   models"), as Kaggle blends do it (ELL 3rd kept 24 of 50 models): start from the best member, then mix in, step
   by step, the member and weight that most improve the OOF score, until nothing does. `negative=True` also tries
   subtracting a member (regression only: probabilities must stay probabilities).
-- `stack`: a second-stage linear model on the members' predictions (ridge on the values, its alpha chosen by
+- `stack`: a second-stage model on the members' predictions: `linear` (ridge on the values, its alpha chosen by
   efficient leave-one-out inside each fit; multinomial logistic regression on the log-probabilities for
-  classes). Its OOF predictions come from nested folds: fold k's are made by a stacker fit on the other folds'
-  rows alone, so no prediction used its own fold's labels. The test predictions use a stacker fit on every row.
+  classes), or `lgbm` (LightGBM gradient-boosted trees, an optional extra: `pip install .[lgbm]`; small trees
+  with row and column subsampling, for members whose errors depend on where they predict). Its OOF predictions
+  come from nested folds: fold k's are made by a stacker fit on the other folds' rows alone, so no prediction
+  used its own fold's labels. The test predictions use a stacker fit on every row.
 - `mean`: equal weights (the seeds of one config, for instance).
 
-A fitted blend is a plain dict ("kind": "linear" with weights, or "kind": "stack" with its coefficients) that
-`apply` computes with numpy alone, so the kernel needs no scikit-learn.
+A fitted blend is a plain dict ("kind": "linear" with weights, or "kind": "stack" with its coefficients or, for
+LightGBM, its trees as text) that `apply` computes with numpy alone (LightGBM's trees need lightgbm, which
+Kaggle's image has), so the kernel needs no scikit-learn.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from scipy.optimize import minimize
 from pipeline.metrics import LOWER_IS_BETTER, is_better, score
 
 METHODS = ("nnls", "hill", "stack", "mean")
+STACKERS = ("linear", "lgbm")
+LGBM_PARAMS = {"n_estimators": 300, "learning_rate": 0.03, "num_leaves": 7, "min_child_samples": 20,
+               "subsample": 0.8, "subsample_freq": 1, "colsample_bytree": 0.8, "random_state": 0, "n_jobs": 1,
+               "verbose": -1}
 HILL_WEIGHTS = np.linspace(0.05, 0.5, 10)  # the share of the blend a hill-climbing step gives a member
 HILL_NEGATIVE = np.concatenate([-HILL_WEIGHTS[::-1], HILL_WEIGHTS])
 HILL_MAX_STEPS = 200
@@ -85,8 +92,46 @@ def features(preds: list[np.ndarray], classification: bool) -> np.ndarray:
     return np.log(np.clip(x, EPS, 1.0)) if classification else x
 
 
-def fit_stacker(x: np.ndarray, y: np.ndarray, classification: bool, classes: int) -> dict:
-    """A ridge (values) or logistic (classes) model on `x`, as plain coefficients."""
+def lightgbm():
+    try:
+        import lightgbm
+    except ImportError:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError("the lgbm stacker needs LightGBM: pip install 'lightgbm>=4' (or the project's [lgbm] "
+                            "extra); Kaggle's image has it") from None
+    return lightgbm
+
+
+def fit_lgbm(x: np.ndarray, y: np.ndarray, classification: bool, classes: int) -> dict:
+    """LightGBM trees on `x`: one regressor per target, or one classifier (its classes kept to place its columns)."""
+    lgb = lightgbm()
+    if classification:
+        model = lgb.LGBMClassifier(**LGBM_PARAMS).fit(x, y)
+        return {"kind": "stack", "model": "lgbm", "classes": int(classes), "seen": model.classes_.tolist(),
+                "trees": [model.booster_.model_to_string()]}
+    y = y.reshape(len(y), -1)
+    trees = [lgb.LGBMRegressor(**LGBM_PARAMS).fit(x, y[:, t]).booster_.model_to_string() for t in range(y.shape[1])]
+    return {"kind": "stack", "model": "lgbm", "classes": None, "trees": trees}
+
+
+def apply_lgbm(spec: dict, x: np.ndarray) -> np.ndarray:
+    lgb = lightgbm()
+    out = [lgb.Booster(model_str=t).predict(x) for t in spec["trees"]]
+    if spec["classes"] is None:
+        return np.stack(out, axis=1)
+    probs, seen = np.asarray(out[0]), spec["seen"]
+    if probs.ndim == 1:  # two classes seen: the second's probability
+        probs = np.stack([1 - probs, probs], axis=1)
+    full = np.zeros((len(x), spec["classes"]))
+    full[:, seen] = probs  # a class absent from the rows it was fit on gets probability 0
+    return full
+
+
+def fit_stacker(x: np.ndarray, y: np.ndarray, classification: bool, classes: int, stacker: str = "linear") -> dict:
+    """A ridge (values) or logistic (classes) model on `x` as plain coefficients, or LightGBM's trees."""
+    if stacker == "lgbm":
+        return fit_lgbm(x, y, classification, classes)
     if classification:
         from sklearn.linear_model import LogisticRegression
 
@@ -108,16 +153,17 @@ def fit_stacker(x: np.ndarray, y: np.ndarray, classification: bool, classes: int
             "intercept": np.atleast_1d(model.intercept_).tolist()}
 
 
-def fit_stack(y: np.ndarray, preds: list[np.ndarray], fold: np.ndarray, classification: bool
-              ) -> tuple[dict, np.ndarray]:
+def fit_stack(y: np.ndarray, preds: list[np.ndarray], fold: np.ndarray, classification: bool,
+              stacker: str = "linear") -> tuple[dict, np.ndarray]:
     """(the stacker fit on every row, nested-fold OOF predictions: fold k's from a stacker fit without fold k)."""
     x = features(preds, classification)
     classes = np.asarray(preds[0]).shape[1]
     oof = np.zeros((len(y), classes))
     for k in np.unique(fold):
         inside = fold != k
-        oof[~inside] = apply(fit_stacker(x[inside], y[inside], classification, classes), preds_rows(preds, ~inside))
-    return fit_stacker(x, y, classification, classes), oof
+        fitted = fit_stacker(x[inside], y[inside], classification, classes, stacker)
+        oof[~inside] = apply(fitted, preds_rows(preds, ~inside))
+    return fit_stacker(x, y, classification, classes, stacker), oof
 
 
 def preds_rows(preds: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
@@ -129,6 +175,8 @@ def apply(spec: dict, preds: list[np.ndarray]) -> np.ndarray:
     if spec["kind"] == "linear":
         return np.tensordot(np.asarray(spec["weights"], float), np.stack([np.asarray(p, float) for p in preds]),
                             axes=1)
+    if spec["model"] == "lgbm":
+        return apply_lgbm(spec, features(preds, spec["classes"] is not None))
     coef, intercept = np.asarray(spec["coef"], float), np.asarray(spec["intercept"], float)
     out = features(preds, spec["model"] == "logistic") @ coef.T + intercept
     if spec["model"] == "ridge":

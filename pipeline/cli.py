@@ -179,13 +179,16 @@ def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment n
                  help="nnls: non-negative weights summing to one; hill: greedy forward selection with replacement; "
                       "stack: ridge/logistic second stage with nested folds; mean: equal weights.")] = "nnls",
              negative: Annotated[bool, typer.Option(help="hill: also try negative weights (regression).")] = False,
+             stacker: Annotated[str, typer.Option(
+                 help="stack: linear (ridge / logistic regression) or lgbm (LightGBM, an optional extra).")]
+             = "linear",
              seeds: Annotated[bool, typer.Option(
                  help="Each experiment also brings its runs at other seeds (NAME-seedN, as `pipeline grid` names "
                       "them): with --method mean, a seed average.")] = False):
     """Blend experiments on their OOF predictions and apply the blend to their test predictions."""
     from pipeline import ensemble as E
 
-    result = E.run(experiments, name, output_dir, method, negative, seeds)
+    result = E.run(experiments, name, output_dir, method, negative, seeds, stacker)
     table = Table(title=f"ensemble '{name}': {result['metric']}")
     for col in ("member", "weight", result["metric"]):
         table.add_column(col)

@@ -24,7 +24,7 @@ from pipeline.runs import load_run_config, read_predictions, seed_runs
 
 
 def run(experiments: list[str], name: str, output_dir: str = "oof", method: str = "nnls", negative: bool = False,
-        seeds: bool = False) -> dict:
+        seeds: bool = False, stacker: str = "linear") -> dict:
     """Fit the blend on OOF, write oof.csv, cv.json, ensemble.json (and test_predictions.csv when every member
     has them) under output_dir/name. `seeds`: each experiment also brings its other seeds' runs (NAME-seedN)."""
     if len(experiments) < 1:
@@ -33,6 +33,10 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
         raise PipelineError(f"ensemble: --method {method}; choose one of {', '.join(B.METHODS)}")
     if negative and method != "hill":
         raise PipelineError("ensemble: --negative is an option of --method hill")
+    if stacker not in B.STACKERS:
+        raise PipelineError(f"ensemble: --stacker {stacker}; choose one of {', '.join(B.STACKERS)}")
+    if stacker != "linear" and method != "stack":
+        raise PipelineError("ensemble: --stacker is an option of --method stack")
     if seeds:
         experiments = [run for e in experiments for run in [e, *seed_runs(e, Path(output_dir))]]
     if name in experiments:
@@ -69,7 +73,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     preds = [o[columns].to_numpy(float) for o in oofs]
     fold = oofs[0]["fold"].to_numpy()
     if method == "stack":
-        spec, blend = B.fit_stack(y, preds, fold, classification)
+        spec, blend = B.fit_stack(y, preds, fold, classification, stacker)
     else:
         weights = {"nnls": lambda: B.fit_weights(y, preds, first.metric),
                    "hill": lambda: B.hill_climb(y, preds, first.metric, negative),

@@ -124,6 +124,48 @@ def test_ensemble_stack_writes_the_test_predictions_of_the_stacker_fit_on_every_
     assert result["cv"] < min(result["members"].values())
 
 
+@pytest.mark.parametrize("classification", [False, True])
+def test_lgbm_stacking_never_fits_on_the_fold_it_predicts(classification):
+    y, preds = classification_members(13, 2, n=200) if classification else regression_members(13, 2, n=200)
+    fold = np.arange(len(y)) % 4
+    _, before = B.fit_stack(y, preds, fold, classification, "lgbm")
+    changed = y.copy()
+    changed[fold == 0] = (changed[fold == 0] + 1) % 3 if classification else -changed[fold == 0] * 5
+    _, after = B.fit_stack(changed, preds, fold, classification, "lgbm")
+    np.testing.assert_array_equal(before[fold == 0], after[fold == 0])
+    assert not np.allclose(before[fold != 0], after[fold != 0])
+    if classification:
+        assert np.allclose(after.sum(axis=1), 1.0)
+        import lightgbm
+
+        x = B.features(preds, True)  # apply() must compute what the fitted classifier predicts on its features
+        reference = lightgbm.LGBMClassifier(**B.LGBM_PARAMS).fit(x, y).predict_proba(x)
+        np.testing.assert_allclose(B.apply(B.fit_stacker(x, y, True, 3, "lgbm"), preds), reference, atol=1e-12)
+
+
+def test_lgbm_stacker_learns_what_a_linear_one_cannot_and_the_kernel_applies_it(tmp_path):
+    """One member knows how far a target is from the median, the other on which side: the target is their product,
+    which trees fit and a linear stacker cannot. The test predictions written are the all-rows stacker's, which
+    is what the kernel computes from the manifest's `stack`."""
+    cfg = tiny_config(tmp_path, tmp_path / "unused", n=400)
+    d = truth(cfg) - np.median(truth(cfg))
+    rng = np.random.default_rng(14)
+    members = {"m1": np.abs(d) + rng.normal(0, 0.01, d.shape), "m2": np.sign(d) + rng.normal(0, 0.01, d.shape)}
+    tests = {m: rng.normal(size=(12, 1)) for m in members}
+    for m, v in members.items():
+        write_run(tmp_path, m, v, test_values=tests[m], n=400)
+    out = str(tmp_path / "oof")
+    linear = E.run(list(members), "linear", out, method="stack")
+    trees = E.run(list(members), "trees", out, method="stack", stacker="lgbm")
+    assert trees["blend"]["model"] == "lgbm" and trees["cv"] < linear["cv"]
+    frames = [pd.read_csv(tmp_path / "oof" / m / "test_predictions.csv") for m in members]
+    kernel = B.blend_frames(frames, "id", ["target"], stack={"members": [[1, 0], [0, 1]], "spec": trees["blend"]})
+    written = pd.read_csv(tmp_path / "oof" / "trees" / "test_predictions.csv")
+    np.testing.assert_allclose(kernel["target"], written["target"], atol=1e-12)
+    with pytest.raises(PipelineError, match="--stacker is an option of --method stack"):
+        E.run(list(members), "x", out, method="nnls", stacker="lgbm")
+
+
 # ---------------------------------------------------------------- seeds and blends of blends
 
 
