@@ -13,7 +13,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds pretrain train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle
+.PHONY: help setup demo test test-slow lint folds pretrain train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle blends
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -116,6 +116,9 @@ bench: setup ## The pipeline against transformers.Trainer on CommonLit fold 0 (E
 	$(BENCH_RUN) --levers
 	$(BENCH_RUN) --scaling
 	$(BENCH_RUN) --shapes
+
+blends: setup ## Every blend method over the same members: make blends EXPERIMENTS="commonlit tfidf_commonlit" (writes reports/blends.md, or OUT=...)
+	$(BIN)/python bench/blends.py $(EXPERIMENTS) --out $(or $(OUT),reports/blends.md)
 
 bench-kaggle: setup ## The recipe's Kaggle kit: size, and the offline kernel's wall time on 7 and 2,000 test rows
 	$(BIN)/python bench/kaggle_kit.py $(if $(DATA),--data $(DATA))
