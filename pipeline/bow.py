@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,22 +116,29 @@ def load_fold_model(path: Path) -> dict:
 
 def predict_table(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Every fold's model in `run_dir` predicts `table`; the folds are averaged (probabilities for classes)."""
+    total = np.zeros((len(table), len(columns)))
+    for preds in fold_predictions(cfg, run_dir, table, columns):
+        total += preds
+    frame = pd.DataFrame(total / cfg.data.n_folds, columns=columns)
+    frame.insert(0, cfg.data.id_column, table[cfg.data.id_column].to_numpy())
+    return frame
+
+
+def fold_predictions(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list[str]) -> Iterator[np.ndarray]:
+    """Fold k's model's predictions of `table`, for k = 0, 1, ...; one model at a time: vocabularies are large."""
     x = texts(table, cfg.data.text_columns)
-    total, versions = np.zeros((len(table), len(columns))), set()
+    versions = set()
     for k in range(cfg.data.n_folds):
-        saved = load_fold_model(Path(run_dir) / f"fold{k}" / MODEL_FILE)  # one at a time: vocabularies are large
+        saved = load_fold_model(Path(run_dir) / f"fold{k}" / MODEL_FILE)
         versions.add(saved["scikit_learn"])
-        total += predict_rows(saved, x, cfg.data.task, len(columns))
+        yield predict_rows(saved, x, cfg.data.task, len(columns))
     here = sklearn_version()
     if versions != {here}:
         warnings.warn(f"{run_dir}: the fold models were saved by scikit-learn {', '.join(sorted(versions))} and are "
                       f"predicting with {here}; vectorizers pickled by another version may transform differently. "
                       f"Train with the scikit-learn you predict with (on Kaggle: the image's, see "
                       f"pipeline/kaggle/image.yaml)",
-                      stacklevel=2)
-    frame = pd.DataFrame(total / cfg.data.n_folds, columns=columns)
-    frame.insert(0, cfg.data.id_column, table[cfg.data.id_column].to_numpy())
-    return frame
+                      stacklevel=3)
 
 
 def fit(cfg: Config, x: np.ndarray, y: np.ndarray, fold: int):

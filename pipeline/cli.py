@@ -172,6 +172,27 @@ def predict(config: ConfigArg, set_: SetOpt = None,
 
 @app.command()
 @friendly
+def pseudo(experiment: Annotated[str, typer.Argument(help="The teacher: a trained experiment under --output-dir.")],
+           texts: Annotated[Path, typer.Option(help="CSV with the teacher's id and text columns (unlabelled, external "
+                                                   "or the training texts themselves).")],
+           out: Annotated[Path | None, typer.Option(help="CSV to write (default: "
+                                                         "<output-dir>/EXPERIMENT/pseudo/<texts stem>.csv).")] = None,
+           output_dir: Annotated[Path, typer.Option(help="Where the run directories are.")] = Path("oof")):
+    """Label texts with each of the teacher's fold models apart (columns <column>@fold<k>), for a student's
+    train.pseudo: the student's fold k learns only from the teacher's fold-k model, which never saw its validation
+    rows."""
+    from pipeline import pseudo as PS
+    from pipeline.runs import load_run_config
+
+    teacher = load_run_config(output_dir / experiment)
+    teacher.output_dir, teacher.experiment = str(output_dir), experiment
+    path = PS.write(teacher, texts, out)
+    console.print(f"pseudo-labels: {path} (and {PS.meta_path(path).name}); train a student on the same folds with "
+                  f"--set train.pseudo={path}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@friendly
 def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment names under oof/.")],
              name: Annotated[str, typer.Option(help="Name of the blend's run directory.")] = "ensemble",
              output_dir: Annotated[str, typer.Option(help="Where the experiments' run directories are.")] = "oof",

@@ -121,6 +121,12 @@ class TrainConfig:
     seed: int = 42
     save_checkpoint: bool = True
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # Pseudo-labels or distillation (pipeline/pseudo.py): a CSV `pipeline pseudo TEACHER` wrote; fold k trains also on
+    # its rows labelled by the teacher's fold-k model (never one that saw fold k's validation rows). null: off.
+    pseudo: str | None = None
+    pseudo_weight: float = 1.0  # loss weight of a pseudo-labelled row (a true row's is 1)
+    # Classification: the teacher's probabilities p become p**(1/T), renormalized; T > 1 softens, T < 1 sharpens.
+    distill_temperature: float = 1.0
 
 
 @dataclass
@@ -323,6 +329,15 @@ def validate(cfg: Config) -> None:
          "FGM perturbs the word embeddings along their gradient, and model.freeze_layers freezes them "
          "(they get none)")
     need(0 <= t.eval_start < 1, "train.eval_start", f"must be in [0, 1), got {t.eval_start}")
+    need(t.pseudo is None or t.pseudo.strip() != "", "train.pseudo",
+         "must be a CSV written by `pipeline pseudo`, or null")
+    need(t.pseudo_weight > 0, "train.pseudo_weight", f"must be positive, got {t.pseudo_weight}")
+    need(t.distill_temperature > 0, "train.distill_temperature", f"must be positive, got {t.distill_temperature}")
+    need(t.distill_temperature == 1 or d.task != "regression", "train.distill_temperature",
+         "softens class probabilities; a regression teacher's values are taken as they are")
+    for key, value in (("pseudo_weight", t.pseudo_weight), ("distill_temperature", t.distill_temperature)):
+        need(t.pseudo is not None or value == 1.0, f"train.{key}",
+             "acts on pseudo-labelled rows, and train.pseudo is null (set it to a `pipeline pseudo` CSV)")
     need(d.n_folds >= 2, "data.n_folds", f"must be at least 2, got {d.n_folds}")
     need(d.fold_bins >= 2, "data.fold_bins", f"must be at least 2, got {d.fold_bins}")
     need(d.max_length >= 8, "data.max_length", f"must be at least 8, got {d.max_length}")

@@ -37,7 +37,7 @@ def read_table(path: Path | None, role: str, required: list[str], id_column: str
     return df
 
 
-def _check_ids_and_texts(df: pd.DataFrame, data: DataConfig, path: Path) -> None:
+def check_ids_and_texts(df: pd.DataFrame, data: DataConfig, path: Path) -> None:
     ids = df[data.id_column]
     if ids.isna().any():
         raise PipelineError(f"{path}: column '{data.id_column}' has empty ids (row {int(ids.isna().idxmax()) + 2})")
@@ -80,7 +80,7 @@ def load_train(cfg: Config) -> pd.DataFrame:
     data = cfg.data
     path = data.train_path
     df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns], data.id_column)
-    _check_ids_and_texts(df, data, path)
+    check_ids_and_texts(df, data, path)
     if data.task == "regression":
         for col in data.target_columns:
             values = pd.to_numeric(df[col], errors="coerce")
@@ -114,7 +114,7 @@ def load_test(cfg: Config, path: Path | None = None) -> pd.DataFrame:
     data = cfg.data
     path = path or data.test_path
     df = read_table(path, "test", [data.id_column, *data.text_columns], data.id_column)
-    _check_ids_and_texts(df, data, path)
+    check_ids_and_texts(df, data, path)
     return df.reset_index(drop=True)
 
 
@@ -143,6 +143,7 @@ class Encoded:
     token_type_ids: list[list[int]] | None
     targets: np.ndarray | None
     max_length: int | None = None  # the truncation length: padding never goes beyond it
+    weights: np.ndarray | None = None  # per-row loss weights (pseudo-labelled rows); None: every row counts 1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -176,10 +177,12 @@ class Batch:
     positions: torch.Tensor
     inputs: dict[str, torch.Tensor]
     targets: torch.Tensor | None
+    weights: torch.Tensor | None = None  # per-row loss weights, where the rows carry them (see Encoded)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.positions, {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
-                     None if self.targets is None else self.targets.to(device, non_blocking=True))
+                     None if self.targets is None else self.targets.to(device, non_blocking=True),
+                     None if self.weights is None else self.weights.to(device, non_blocking=True))
 
 
 def collate(enc: Encoded, positions: list[int], pad_id: int, multiple: int = 1) -> Batch:
@@ -205,7 +208,8 @@ def collate(enc: Encoded, positions: list[int], pad_id: int, multiple: int = 1) 
     if types is not None:
         inputs["token_type_ids"] = types
     targets = None if enc.targets is None else torch.as_tensor(enc.targets[positions])
-    return Batch(torch.tensor(positions), inputs, targets)
+    weights = None if enc.weights is None else torch.as_tensor(enc.weights[positions])
+    return Batch(torch.tensor(positions), inputs, targets, weights)
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool = True,

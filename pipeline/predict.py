@@ -6,6 +6,7 @@ backbone config, tokenizer and weights), so no pretrained download is needed at 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,19 +84,31 @@ def predict_table(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list
     """
     if cfg.model.kind == "tfidf":
         return bow.predict_table(cfg, run_dir, table, columns)
+    total = np.zeros((len(table), len(columns)))
+    for preds in fold_predictions(cfg, run_dir, table, columns, device, precision):
+        total += preds
+    frame = pd.DataFrame(total / cfg.data.n_folds, columns=columns)
+    frame.insert(0, cfg.data.id_column, table[cfg.data.id_column].to_numpy())
+    return frame
+
+
+def fold_predictions(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: list[str],
+                     device: str | None = None, precision: str | None = None) -> Iterator[np.ndarray]:
+    """Fold k's checkpoint's predictions of `table` (rows, columns), for k = 0, 1, ...: one model in memory at a time.
+
+    `predict_table` averages them; `pipeline pseudo` keeps them apart (fold k's student may only learn from fold k's).
+    """
+    if cfg.model.kind == "tfidf":
+        yield from bow.fold_predictions(cfg, run_dir, table, columns)
+        return
     backbone_dir = Path(run_dir) / "backbone"
     tokenizer = load_saved_tokenizer(backbone_dir)
     enc = D.encode(tokenizer, table, cfg.data.text_columns, cfg.data.max_length)
     where = resolve_device(device or cfg.train.device)
     how = resolve_precision(precision or cfg.train.precision, where)
     positions = np.arange(len(table))
-    paths = checkpoints(cfg, run_dir)
-    total = np.zeros((len(table), len(columns)))
-    for path in paths:
+    for path in checkpoints(cfg, run_dir):
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(where)
-        total += predict_rows(model, enc, positions, cfg.data.task, where, how,
-                              cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)
-    frame = pd.DataFrame(total / len(paths), columns=columns)
-    frame.insert(0, cfg.data.id_column, table[cfg.data.id_column].to_numpy())
-    return frame
+        yield predict_rows(model, enc, positions, cfg.data.task, where, how,
+                           cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)

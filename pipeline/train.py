@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from pipeline import data as D
+from pipeline import pseudo as P
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, shard
 from pipeline.errors import PipelineError
@@ -51,6 +52,7 @@ class Prepared:
     fold: np.ndarray
     classes: list[str] | None
     tokenizer: object
+    pseudo: P.PseudoLabels | None = None  # train.pseudo's rows, tokenized once
 
     @property
     def outputs(self) -> int:
@@ -68,7 +70,7 @@ def prepare(cfg: Config) -> Prepared:
         raise PipelineError(f"config key 'data.max_length': {cfg.data.max_length} is beyond the model's "
                             f"maximum of {limit} tokens")
     enc = D.encode(tokenizer, df, cfg.data.text_columns, cfg.data.max_length, D.target_array(cfg, df))
-    return Prepared(cfg, df, enc, fold, classes, tokenizer)
+    return Prepared(cfg, df, enc, fold, classes, tokenizer, P.load(cfg, df, fold, classes, tokenizer))
 
 
 def set_seed(seed: int) -> None:
@@ -112,14 +114,16 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
 def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:
     """The task loss averaged over dropout samples; with R-Drop, a doubled batch and the consistency term.
 
+    Rows are weighted where the batch carries weights (pseudo-labelled rows, see pipeline/pseudo.py).
+
     The model is called (not a method of it) so that DDP, which exchanges gradients through `forward`, sees it.
     """
     targets = model_of(model).target_scale.normalize(batch.targets) if task == "regression" else batch.targets
     if rdrop <= 0:
-        return task_loss(task, model(**batch.inputs, samples=True), targets)
+        return task_loss(task, model(**batch.inputs, samples=True), targets, batch.weights)
     doubled = {k: torch.cat([v, v]) for k, v in batch.inputs.items()}
     a, b = model(**doubled, samples=True).chunk(2, dim=1)
-    return 0.5 * (task_loss(task, a, targets) + task_loss(task, b, targets)) \
+    return 0.5 * (task_loss(task, a, targets, batch.weights) + task_loss(task, b, targets, batch.weights)) \
         + rdrop * rdrop_consistency(task, a, b)
 
 
@@ -307,7 +311,9 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
 
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
-    plan = step_plan(t, len(train_pos))
+    rows = P.fold_rows(prep.enc, prep.pseudo, fold, train_pos, prep.train_df[cfg.data.id_column].to_numpy()[valid_pos],
+                       task, prep.outputs, t.pseudo_weight)  # + pseudo-labelled rows (train.pseudo)
+    plan = step_plan(t, len(rows.positions))
     tr = make_trainer(new_model(prep, train_pos, main), cfg, plan, accelerator)
     model, optimizer, scheduler, techniques = tr.model, tr.optimizer, tr.scheduler, tr.techniques
     if rank:
@@ -337,14 +343,13 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
         task_id = bar.add_task("train", total=plan.total_steps, completed=fs.step, status="")
         epoch = fs.micro // plan.batches_per_epoch
         while fs.micro < plan.total_micro:
-            batches = D.train_batches(prep.enc.lengths[train_pos], t.batch_size, t.seed + 1000 * fold + epoch,
-                                      t.length_grouping)
+            batches = D.train_batches(rows.lengths, t.batch_size, t.seed + 1000 * fold + epoch, t.length_grouping)
             for positions in batches[fs.micro - epoch * plan.batches_per_epoch:]:
                 if fs.micro >= plan.total_micro:
                     break
                 model.train()
-                rows, weight = shard(positions, rank, world)
-                batch = D.collate(prep.enc, train_pos[rows].tolist(), pad_id, t.pad_to_multiple_of).to(device)
+                share, weight = shard(positions, rank, world)
+                batch = D.collate(rows.enc, rows.positions[share].tolist(), pad_id, t.pad_to_multiple_of).to(device)
                 group = min(t.grad_accum, plan.total_micro - (fs.micro // t.grad_accum) * t.grad_accum)
                 last_of_group = (fs.micro + 1) % t.grad_accum == 0 or fs.micro + 1 == plan.total_micro
                 with contextlib.nullcontext() if last_of_group else accelerator.no_sync(model):
