@@ -38,7 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.inference import autocast, resolve_device, resolve_precision
 from pipeline.io import folder_atomic, write_csv_atomic, write_json_atomic
 from pipeline.model import load_tokenizer, resolve_backbone, use_speed_settings
-from pipeline.train import set_seed
+from pipeline.train import decays, set_seed
 
 MAX_GRAD_NORM = 1.0  # as in BERT's and RoBERTa's pre-training
 IGNORE = -100  # the label of a token the loss does not predict (transformers' convention)
@@ -202,11 +202,11 @@ def save_encoder(model: torch.nn.Module, source: str, tokenizer, out: Path) -> N
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and LayerNorm weights (the rule of `train.build_optimizer`)."""
+    """AdamW without weight decay on biases and LayerNorm weights (`train.decays`, as in fine-tuning)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            (decay if decays(name, p) else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, foreach=True)
 

@@ -79,6 +79,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay applies to weight matrices, not to biases or LayerNorm weights (BERT's rule)."""
+    return p.ndim >= 2 and "norm" not in name.lower()
+
+
 def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW (bias-corrected) with no weight decay on biases and LayerNorm; layer-wise LR decay by depth.
 
@@ -105,8 +110,7 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
             lr = t.lr * t.llrd ** n
         else:  # e.g. a final LayerNorm or pooler above the layers
             lr = t.lr
-        no_decay = p.ndim < 2 or "norm" in name.lower()
-        groups.setdefault((lr, 0.0 if no_decay else t.weight_decay), []).append(p)
+        groups.setdefault((lr, t.weight_decay if decays(name, p) else 0.0), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     return torch.optim.AdamW(param_groups, lr=t.lr, foreach=True)
 
