@@ -4,8 +4,8 @@
 
 The members must be finished experiments (oof.csv) on the same folds under --output-dir. Each method writes its
 blend as `blend_<method>` there, so `pipeline submit` / `pipeline package` can take the one chosen. The nnls,
-hill and mean weights are fit on the same OOF rows they are scored on (slightly optimistic); the stacks' OOF
-comes from nested folds.
+hill and mean weights are fit on the same OOF rows they are scored on (slightly optimistic: the `nested` column
+scores each fold with weights fit without it); the stacks' OOF comes from nested folds.
 """
 
 from __future__ import annotations
@@ -42,16 +42,18 @@ def main() -> None:
         rows.append(f"| `--method {options['method']}`"
                     + (" `--negative`" if options.get("negative") else "")
                     + (f" `--stacker {options['stacker']}`" if options.get("stacker") else "")
-                    + f" | {result['cv']:.4f} | {weights} | {seconds:.1f} |")
+                    + f" | {result['cv']:.4f} | {result['cv_nested']:.4f} | {weights} | {seconds:.1f} |")
         print(rows[-1], flush=True)
     metric = result["metric"]
     lines = [f"# Blends of {', '.join(args.experiments)}", "",
              f"- command: `python bench/blends.py {' '.join(args.experiments)} --output-dir {args.output_dir} "
              f"--out {args.out}`",
              f"- metric: {metric}; members' OOF CV: " + ", ".join(f"{m} {v:.4f}" for m, v in members.items()),
-             "- nnls, hill and mean weights are fit on the OOF rows they are scored on; the stacks' OOF comes from "
-             "nested folds (fold k's from a stacker fit without fold k's rows)", "",
-             f"| method | OOF CV ({metric}) | weights | seconds |", "| --- | ---: | --- | ---: |", *rows, ""]
+             "- OOF CV: nnls, hill and mean weights are fit on the OOF rows they are scored on (what `pipeline submit` "
+             "uses); nested: fold k blended by weights fit without fold k's rows, the honest estimate. The stacks' "
+             "OOF comes from nested folds (fold k's from a stacker fit without fold k's rows) in both columns", "",
+             f"| method | OOF CV ({metric}) | nested | weights | seconds |", "| --- | ---: | ---: | --- | ---: |",
+             *rows, ""]
     write_text_atomic(args.out, "\n".join(lines))
     print(f"report: {args.out}")
 

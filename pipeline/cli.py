@@ -216,6 +216,8 @@ def ensemble(experiments: Annotated[list[str], typer.Argument(help="Experiment n
     for e, v in result["members"].items():
         table.add_row(e, f"{result['weights'][e]:.3f}" if "weights" in result else "stacked", f"{v:.5f}")
     table.add_row(f"[bold]blend ({result['method']})", "", f"[bold]{result['cv']:.5f}")
+    if result["method"] in ("nnls", "hill"):  # the stack's cv is nested already; the mean fits nothing
+        table.add_row("blend, nested", "weights fit without the fold", f"{result['cv_nested']:.5f}")
     console.print(table)
     if result.get("without_test_predictions"):
         console.print(f"no test predictions for the blend: run `pipeline predict` for "

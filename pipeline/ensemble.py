@@ -74,15 +74,19 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     fold = oofs[0]["fold"].to_numpy()
     if method == "stack":
         spec, blend = B.fit_stack(y, preds, fold, classification, stacker)
+        nested = blend  # already nested: fold k's predictions from a stacker fit without fold k
     else:
-        weights = {"nnls": lambda: B.fit_weights(y, preds, first.metric),
-                   "hill": lambda: B.hill_climb(y, preds, first.metric, negative),
-                   "mean": lambda: np.full(len(preds), 1.0 / len(preds))}[method]()
-        spec = B.linear(weights)
+        fit = {"nnls": lambda y, p: B.fit_weights(y, p, first.metric),
+               "hill": lambda y, p: B.hill_climb(y, p, first.metric, negative),
+               "mean": lambda y, p: np.full(len(p), 1.0 / len(p))}[method]
+        spec = B.linear(fit(y, preds))
         blend = B.apply(spec, preds)
+        nested = B.nested_linear(y, preds, fold, fit)
     members = {e: score(first.metric, y, p) for e, p in zip(experiments, preds)}
+    # cv: the fitted blend on the OOF it was fit on (what submit uses); cv_nested: each fold blended by weights
+    # fit without it, the honest estimate of a blend's gain over its best member
     result = {"metric": first.metric, "method": method, "members": members, "cv": score(first.metric, y, blend),
-              "blend": spec, "leaves": leaves}
+              "cv_nested": score(first.metric, y, nested), "blend": spec, "leaves": leaves}
     if spec["kind"] == "linear":
         result["weights"] = dict(zip(experiments, spec["weights"]))
     oof = oofs[0][[id_col, "fold"]].copy()
@@ -102,6 +106,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     save_config(blended, out / "config.yaml")
     write_json_atomic(out / "ensemble.json", result)
     write_json_atomic(out / "cv.json", {"experiment": name, "metric": first.metric, "cv": result["cv"],
+                                        "cv_nested": result["cv_nested"],
                                         **decision.fields(first.metric, first.data.task, y, blend)})
     return result
 

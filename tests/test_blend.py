@@ -19,6 +19,7 @@ from pipeline import ensemble as E
 from pipeline import submission as S
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
+from pipeline.io import read_json
 from pipeline.metrics import score
 from pipeline.runs import load_run_config
 from tests.conftest import tiny_config
@@ -302,3 +303,31 @@ def test_non_integer_targets_are_refused_for_qwk(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "unused", extra=["train.metric=qwk"])
     with pytest.raises(PipelineError, match="target column 'target' has non-integer values"):
         load_train(cfg)
+
+
+# ---------------------------------------------------------------- nested scores of fitted weights
+
+
+def test_nested_score_scores_each_fold_with_weights_fit_without_it(tmp_path):
+    """A blend's weights fit on every OOF row flatter it; the nested score blends fold k by weights fit on the
+    other folds only, and is what the ensemble reports beside the fitted score."""
+    cfg = tiny_config(tmp_path, tmp_path / "unused")
+    y = truth(cfg)
+    rng = np.random.default_rng(3)
+    for name in ("m1", "m2", "m3"):
+        write_run(tmp_path, name, y + rng.normal(0, 0.5, y.shape))
+    result = E.run(["m1", "m2", "m3"], "hill", str(tmp_path / "oof"), method="hill")
+    oof = pd.read_csv(tmp_path / "oof" / "m1" / "oof.csv")
+    fold = oof["fold"].to_numpy()
+    preds = [pd.read_csv(tmp_path / "oof" / m / "oof.csv")[["target"]].to_numpy() for m in ("m1", "m2", "m3")]
+    expected = np.zeros_like(preds[0])
+    for k in np.unique(fold):
+        weights = B.hill_climb(y[fold != k], [p[fold != k] for p in preds], "rmse")
+        expected[fold == k] = sum(w * p[fold == k] for w, p in zip(weights, preds))
+    assert result["cv_nested"] == pytest.approx(score("rmse", y, expected))
+    assert result["cv_nested"] != pytest.approx(result["cv"])  # weights that change with the folds
+    assert result["cv"] <= result["cv_nested"]  # fit and scored on the same rows: the flattering one
+    cv_json = read_json(tmp_path / "oof" / "hill" / "cv.json")
+    assert cv_json["cv_nested"] == result["cv_nested"]
+    stacked = E.run(["m1", "m2", "m3"], "stack", str(tmp_path / "oof"), method="stack")
+    assert stacked["cv_nested"] == stacked["cv"]  # a stack's OOF is nested by construction
