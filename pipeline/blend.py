@@ -166,15 +166,21 @@ def fit_stack(y: np.ndarray, preds: list[np.ndarray], fold: np.ndarray, classifi
     return fit_stacker(x, y, classification, classes, stacker), oof
 
 
-def nested_linear(y: np.ndarray, preds: list[np.ndarray], fold: np.ndarray, fit) -> np.ndarray:
+def nested_linear(y: np.ndarray, preds: list[np.ndarray], fold: np.ndarray,
+                  fit) -> tuple[np.ndarray, dict[int, list[float]]]:
     """What a fitted weighting would have scored on unseen rows: fold k's predictions blended by `fit`'s weights
-    fit on the other folds' OOF alone (`fit(y, preds) -> weights`). Weights fit on every OOF row are scored on
-    the rows they were fit on, which flatters a blend of many members (hill climbing picks 24 of 50)."""
+    fit on the other folds' OOF alone (`fit(y, preds) -> weights`), and those weights per fold. Weights fit on every
+    OOF row are scored on the rows they were fit on, which flatters a blend of many members (hill climbing picks 24
+    of 50); fold k's weights never saw fold k's labels, which is what a fold-safe teacher needs (pipeline/pseudo.py).
+    """
     out = np.zeros(np.asarray(preds[0]).shape)
+    fold_weights = {}
     for k in np.unique(fold):
         inside = fold != k
-        out[~inside] = apply(linear(fit(y[inside], preds_rows(preds, inside))), preds_rows(preds, ~inside))
-    return out
+        weights = np.asarray(fit(y[inside], preds_rows(preds, inside)), float)
+        out[~inside] = apply(linear(weights), preds_rows(preds, ~inside))
+        fold_weights[int(k)] = weights.tolist()
+    return out, fold_weights
 
 
 def preds_rows(preds: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:

@@ -81,7 +81,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
                "mean": lambda y, p: np.full(len(p), 1.0 / len(p))}[method]
         spec = B.linear(fit(y, preds))
         blend = B.apply(spec, preds)
-        nested = B.nested_linear(y, preds, fold, fit)
+        nested, fold_weights = B.nested_linear(y, preds, fold, fit)
     members = {e: score(first.metric, y, p) for e, p in zip(experiments, preds)}
     # cv: the fitted blend on the OOF it was fit on (what submit uses); cv_nested: each fold blended by weights
     # fit without it, the honest estimate of a blend's gain over its best member
@@ -89,6 +89,8 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
               "cv_nested": score(first.metric, y, nested), "blend": spec, "leaves": leaves}
     if spec["kind"] == "linear":
         result["weights"] = dict(zip(experiments, spec["weights"]))
+        # fold k's weights fit without fold k's labels: a blend teaching fold k's student uses these (pseudo.py)
+        result["fold_weights"] = {str(k): dict(zip(experiments, w)) for k, w in fold_weights.items()}
     oof = oofs[0][[id_col, "fold"]].copy()
     oof[columns] = blend
     test = blend_test(dirs, experiments, spec, id_col, columns)  # checked before anything is written
@@ -124,6 +126,24 @@ def leaves_of(run_dir: Path) -> dict[str, float]:
     flat: dict[str, float] = {}
     for member, w in saved["weights"].items():
         for leaf, v in inner[member].items():
+            flat[leaf] = flat.get(leaf, 0.0) + w * v
+    return flat
+
+
+def fold_leaves(run_dir: Path, fold: int) -> dict[str, float]:
+    """A member as the weighted sum of trained experiments that fold `fold` may learn from: a blend's weights fit
+    without that fold's labels (`fold_weights`), flattened through blends of blends."""
+    path = Path(run_dir) / "ensemble.json"
+    if not path.exists():
+        return {Path(run_dir).name: 1.0}
+    saved = read_json(path)
+    if "fold_weights" not in saved:
+        raise PipelineError(f"{path}: this blend has no weights fit without each fold (a stacked blend, or one written "
+                            f"before they were saved); a fold-safe teacher needs them: blend again with --method "
+                            f"nnls, hill or mean")
+    flat: dict[str, float] = {}
+    for member, w in saved["fold_weights"][str(fold)].items():
+        for leaf, v in fold_leaves(Path(run_dir).parent / member, fold).items():
             flat[leaf] = flat.get(leaf, 0.0) + w * v
     return flat
 

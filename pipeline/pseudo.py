@@ -9,7 +9,8 @@ k's model never trained on fold k's validation rows. This holds when the student
 under other ids too. A pseudo row whose id is one of fold k's validation ids is dropped as well. A pseudo row whose
 id is a training id of the fold is kept (distillation on the training texts): its soft target is teacher fold k's,
 which trained on that row (an in-sample, confident label), never an OOF prediction (OOF of a row of fold m came from
-teacher m, which trained on fold k).
+teacher m, which trained on fold k). A blend teaches too (distilling an ensemble): fold k's labels are its members'
+fold-k predictions weighted by the blend's weights fit without fold k's labels.
 
 Evaluation, checkpoint selection and the metric read the true validation rows only, as without pseudo-labels.
 """
@@ -54,9 +55,6 @@ def write(teacher: Config, texts: Path, out: Path | None = None) -> Path:
 
     Default path: oof/<teacher>/pseudo/<texts stem>.csv. `texts` needs the teacher's id and text columns.
     """
-    from pipeline.predict import check_complete, fold_predictions
-
-    check_complete(teacher, teacher.run_dir)
     data = teacher.data
     table = D.read_table(Path(texts), "texts", [data.id_column, *data.text_columns], data.id_column)
     D.check_ids_and_texts(table, data, Path(texts))
@@ -65,18 +63,45 @@ def write(teacher: Config, texts: Path, out: Path | None = None) -> Path:
     columns = D.prediction_columns(teacher, classes)
     fold = load_folds(teacher, train)
     frame = table[[data.id_column, *data.text_columns]].reset_index(drop=True)
-    for k, preds in enumerate(fold_predictions(teacher, teacher.run_dir, frame, columns)):
+    for k, preds in enumerate(teacher_predictions(teacher, frame, columns)):
         for j, column in enumerate(columns):
             frame[fold_column(column, k)] = preds[:, j]
     out = Path(out) if out else teacher.run_dir / "pseudo" / f"{Path(texts).stem}.csv"
     write_csv_atomic(out, frame)
     write_json_atomic(meta_path(out), {
         "format": FORMAT, "teacher": teacher.experiment, "teacher_run": str(teacher.run_dir),
-        "teacher_kind": teacher.model.kind, "texts": str(texts), "rows": len(frame), "task": data.task,
+        "teacher_kind": "blend" if is_blend(teacher.run_dir) else teacher.model.kind, "texts": str(texts),
+        "rows": len(frame), "task": data.task,
         "id_column": data.id_column, "text_columns": list(data.text_columns), "columns": columns,
         "n_folds": data.n_folds, "fold_seed": data.fold_seed, "folds_file": str(folds_path(teacher)),
         "folds_sha256": folds_fingerprint(train[data.id_column], fold)})
     return out
+
+
+def is_blend(run_dir: Path) -> bool:
+    return (Path(run_dir) / "ensemble.json").exists()
+
+
+def teacher_predictions(teacher: Config, frame: pd.DataFrame, columns: list[str]) -> list[np.ndarray]:
+    """Per fold k, the teacher's predictions of `frame` that fold k's student may learn from: its fold-k model's,
+    or for a blend (distilling an ensemble), its members' fold-k models weighted by the blend's weights fit
+    without fold k's labels (ensemble.json `fold_weights`)."""
+    from pipeline.ensemble import fold_leaves
+    from pipeline.predict import check_complete, fold_predictions
+    from pipeline.runs import load_run_config
+
+    if not is_blend(teacher.run_dir):
+        check_complete(teacher, teacher.run_dir)
+        return list(fold_predictions(teacher, teacher.run_dir, frame, columns))
+    weights = [fold_leaves(teacher.run_dir, k) for k in range(teacher.data.n_folds)]
+    total = [np.zeros((len(frame), len(columns))) for _ in weights]
+    for leaf in sorted({leaf for w in weights for leaf in w}):
+        member = load_run_config(teacher.run_dir.parent / leaf)
+        member.output_dir, member.experiment = str(teacher.run_dir.parent), leaf
+        check_complete(member, member.run_dir)
+        for k, preds in enumerate(fold_predictions(member, member.run_dir, frame, columns)):
+            total[k] += weights[k].get(leaf, 0.0) * preds
+    return total
 
 
 # ------------------------------------------------------------------ the student: `train.pseudo`

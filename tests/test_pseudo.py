@@ -142,6 +142,38 @@ def test_pipeline_pseudo_writes_each_teacher_folds_predictions_and_what_made_the
     assert "no_text.csv: missing column(s) text" in result.output
 
 
+def test_a_blend_teaches_fold_k_with_its_members_fold_k_models_weighted_without_fold_ks_labels(tmp_path):
+    """Distilling an ensemble: fold k's label is the members' fold-k predictions weighted by the blend's weights
+    fit without fold k's rows (ensemble.json fold_weights), never by the weights fit on every row."""
+    from pipeline import ensemble as E
+    from pipeline import oof
+
+    data = tmp_path / "data"
+    tiny_config(tmp_path, Path("unused"), task="regression")  # writes the dataset
+    members = {"words": teacher_config(tmp_path, data, "regression", name="words"),
+               "chars": teacher_config(tmp_path, data, "regression", name="chars",
+                                       extra=["tfidf.word_ngrams=null", "tfidf.char_ngrams=[2,4]", "tfidf.C=1"])}
+    for cfg in members.values():
+        bow.run(cfg)
+        oof.run(cfg)
+    blend = E.run(list(members), "blend", str(tmp_path / "oof"), method="nnls")
+    pseudo_cli("blend", "--texts", data / "test.csv", "--output-dir", tmp_path / "oof")
+    out = tmp_path / "oof" / "blend" / "pseudo" / "test.csv"
+    written = pd.read_csv(out)
+    test = pd.read_csv(data / "test.csv")
+    for k in range(2):
+        expected = sum(blend["fold_weights"][str(k)][name] * bow.predict_rows(
+            bow.load_fold_model(cfg.run_dir / f"fold{k}" / bow.MODEL_FILE), bow.texts(test, ["text"]), "regression", 1)
+            for name, cfg in members.items())
+        np.testing.assert_allclose(written[[f"target@fold{k}"]], expected, atol=1e-9)
+    assert blend["fold_weights"]["0"] != blend["fold_weights"]["1"]  # each fold's own weights
+    assert json.loads(out.with_suffix(".json").read_text())["teacher_kind"] == "blend"
+
+    E.run(list(members), "stacked", str(tmp_path / "oof"), method="stack")
+    result = pseudo_cli("stacked", "--texts", data / "test.csv", "--output-dir", tmp_path / "oof", code=1)
+    assert "no weights fit without each fold" in result.output
+
+
 def unique_word_data(out: Path, tokenizer, n: int = 80, seed: int = 0) -> Path:
     """Each text is one word of its own and the labels are random: only memorizing a row tells its label."""
     rng = np.random.default_rng(seed)
