@@ -147,7 +147,7 @@ def run_trainer(data: str, epochs: float, sets: list[str]) -> dict:
         precision = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         start = time.perf_counter()
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, problem_type="regression")
-        plan = step_plan(t, len(train_idx))  # the pipeline's evaluation steps, for the Trainer too
+        plan = step_plan(t, math.ceil(len(train_idx) / t.batch_size))  # the pipeline's eval steps, for the Trainer too
         args = TrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=t.batch_size,
             per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,

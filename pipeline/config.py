@@ -117,6 +117,11 @@ class TrainConfig:
     eval_batch_size: int = 64
     length_grouping: bool = True  # batches of similar length: far less padding
     pad_to_multiple_of: int = 8  # batch widths rounded up: fewer shapes, less CPU memory (1: the longest row)
+    # Token budget of a training micro-batch (long texts, big models: memory grows with rows x width, not rows):
+    # rows x padded width stays within it (a longer row goes alone), and batch_size still caps the rows;
+    # like batch_size, the budget of the global batch over all processes. null: batches of batch_size rows.
+    max_tokens: int | None = None
+    eval_max_tokens: int | None = None  # the same for evaluation and test batches (per process); null: rows only
     metric: str | None = None  # null: rmse (regression) or logloss (classification)
     seed: int = 42
     save_checkpoint: bool = True
@@ -306,6 +311,11 @@ def validate(cfg: Config) -> None:
     need(t.batch_size >= 1, "train.batch_size", f"must be at least 1, got {t.batch_size}")
     need(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be at least 1, got {t.eval_batch_size}")
     need(t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", f"must be at least 1, got {t.pad_to_multiple_of}")
+    for key, budget in (("train.max_tokens", t.max_tokens), ("train.eval_max_tokens", t.eval_max_tokens)):
+        need(budget is None or budget >= 1, key, f"must be at least 1 token, or null (off), got {budget}")
+    need(t.max_tokens is None or t.length_grouping, "train.max_tokens",
+         "packs rows of similar length into each batch, which train.length_grouping: false refuses; set "
+         "length_grouping: true, or max_tokens: null for batches of random rows")
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     need(t.head_lr is None or t.head_lr > 0, "train.head_lr", f"must be positive, got {t.head_lr}")
     need(0 < t.llrd <= 1, "train.llrd", f"must be in (0, 1], got {t.llrd}")

@@ -1,8 +1,9 @@
 """Reading competition tables with checks that name the file and column, tokenizing once, and batching.
 
 Training batches group texts of similar length (dynamic padding wastes little); evaluation batches are
-sorted by length. Every batch carries its rows' positions, so predictions are joined back by id and never
-depend on the order in which batches ran.
+sorted by length. Either may be capped by a token budget (`train.max_tokens`, `train.eval_max_tokens`): rows x
+the padded width, what a batch costs in memory. Every batch carries its rows' positions, so predictions are
+joined back by id and never depend on the order in which batches ran.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, DataConfig, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 
@@ -185,6 +186,15 @@ class Batch:
                      None if self.weights is None else self.weights.to(device, non_blocking=True))
 
 
+def padded_width(longest, multiple: int = 1, max_length: int | None = None):
+    """The width `collate` pads a batch to whose longest row has `longest` tokens (an int or an array of them).
+
+    One rule for padding and for the token budget, so that a budget counts exactly the tokens a batch holds.
+    """
+    width = -(-longest // multiple) * multiple
+    return np.maximum(longest, np.minimum(width, max_length)) if max_length else width
+
+
 def collate(enc: Encoded, positions: list[int], pad_id: int, multiple: int = 1) -> Batch:
     """Pad to the longest row of this batch, rounded up to a multiple of `multiple` tokens (not past max_length).
 
@@ -192,9 +202,7 @@ def collate(enc: Encoded, positions: list[int], pad_id: int, multiple: int = 1) 
     77 widths into 11, halve the peak memory and train a few percent faster (bench/compare_trainer.py --shapes).
     """
     longest = max(len(enc.input_ids[i]) for i in positions)
-    width = -(-longest // multiple) * multiple
-    if enc.max_length:
-        width = max(longest, min(width, enc.max_length))
+    width = int(padded_width(longest, multiple, enc.max_length))
     ids = torch.full((len(positions), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(positions), width), dtype=torch.long)
     types = torch.zeros((len(positions), width), dtype=torch.long) if enc.token_type_ids is not None else None
@@ -231,10 +239,55 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_leng
     return batches
 
 
-def eval_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Longest first: less padding, and an out-of-memory error shows on the first batch."""
+def token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int, seed: int, multiple: int = 1,
+                  max_length: int | None = None) -> list[list[int]]:
+    """One epoch's batches under a token budget: each holds at most `max_rows` rows and `max_tokens` padded tokens
+    (rows x the width `collate` pads to), unless one row alone is wider; every row once; batch order shuffled.
+
+    The rows are sorted by padded width, widest first, rows of one width in a seeded random order (with padding
+    to multiples of 8, a width holds up to 8 lengths, so batch composition changes from epoch to epoch), then cut
+    greedily (`pack`). The count depends on the rows' widths alone, never on the seed: every epoch has as many
+    batches, which the schedule and `--resume` count on (fairseq's batch_by_size does the same).
+    """
+    rng = np.random.default_rng(seed)
+    widths = padded_width(lengths, multiple, max_length)
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(-widths[order], kind="stable")]
+    batches = pack(order, widths, max_rows, max_tokens)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pack(order: np.ndarray, widths: np.ndarray, max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Cut `order` (widest first) into batches of at most `max_rows` rows and `max_tokens` padded tokens (null: rows).
+
+    A batch's first row is its widest, so it pads to that row's width: the batch takes as many rows as fit under
+    the budget at that width, and a row wider than the budget goes alone.
+    """
+    batches, start = [], 0
+    while start < len(order):
+        rows = max_rows if max_tokens is None else max(1, min(max_rows, max_tokens // int(widths[order[start]])))
+        batches.append(order[start:start + rows].tolist())
+        start += rows
+    return batches
+
+
+def epoch_batches(t: TrainConfig, lengths: np.ndarray, seed: int, max_length: int | None) -> list[list[int]]:
+    """One epoch's training micro-batches (positions into `lengths`): `train_batches`, or `token_batches` under
+    train.max_tokens, where train.batch_size still caps the rows (short texts would otherwise make batches of
+    hundreds, a different optimization from one step to the next). Either way the count is the same every epoch."""
+    if t.max_tokens is None:
+        return train_batches(lengths, t.batch_size, seed, t.length_grouping)
+    return token_batches(lengths, t.max_tokens, t.batch_size, seed, t.pad_to_multiple_of, max_length)
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None, multiple: int = 1,
+                 max_length: int | None = None) -> list[list[int]]:
+    """Longest first: less padding, and an out-of-memory error shows on the first batch.
+
+    With `max_tokens`, each batch also holds at most that many padded tokens (one row alone may hold more).
+    """
     order = np.argsort(-lengths, kind="stable")
-    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    return pack(order, padded_width(lengths, multiple, max_length), batch_size, max_tokens)
 
 
 def iterate(enc: Encoded, batches: list[list[int]], pad_id: int, device: torch.device,

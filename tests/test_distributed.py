@@ -92,6 +92,23 @@ def test_two_processes_train_the_fold_one_process_trains(tmp_path, tiny_backbone
     assert not writes[1].exists(), writes[1].read_text()  # rank 1 wrote nothing: not even the folds file
 
 
+def test_two_processes_share_each_token_budgeted_batch_as_one_process_trains_it(tmp_path, tiny_backbone):
+    """train.max_tokens budgets the global batch, as batch_size counts its rows: both processes cut the same
+    budgeted batches (4, 6 or 12 rows at widths 24, 16 and 8) and each takes its share, so two train what one does."""
+    budget = ["train.max_tokens=96"]
+    path, cfg = config_file(tmp_path, tiny_backbone, "ddp_tokens", budget)
+    launch(path, tmp_path / "oof", 2)
+    metrics = json.loads((fold0(cfg) / "metrics.json").read_text())
+    single = tiny_config(tmp_path, tiny_backbone, n=166, extra=EXACT + budget + ["experiment=single_tokens"])
+    one = T.run(single, folds=[0], progress=False)[0]
+    assert metrics["processes"] == 2 and metrics["steps"] == one["steps"] > 12  # more batches than 83 rows / 16
+    two, ref = pd.read_csv(fold0(cfg) / "valid_predictions.csv"), pd.read_csv(fold0(single) / "valid_predictions.csv")
+    assert two["id"].tolist() == ref["id"].tolist()
+    np.testing.assert_allclose(two["target"], ref["target"], rtol=1e-5, atol=1e-5)
+    log_two, log_one = pd.read_csv(fold0(cfg) / "log.csv"), pd.read_csv(fold0(single) / "log.csv")
+    np.testing.assert_allclose(log_two["train_loss"], log_one["train_loss"], rtol=1e-5)
+
+
 def test_a_two_process_run_killed_by_a_signal_resumes_to_the_same_predictions(tmp_path, tiny_backbone):
     """With dropout on (each process's own masks, saved per process), SIGKILL mid-fold then --resume ends where
     an uninterrupted two-process run ends."""

@@ -44,23 +44,24 @@ def encoded(backbone, texts: list[str], targets: np.ndarray | None = None, max_l
 def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
     """Patch train_fold's optimizer and loss so every optimizer step records what it applies.
 
-    Each step records the training rows (positions) of its micro-batches, the learning rate it applies (the
-    highest of the groups) and, with keep_grads, the parameters just before the step and the gradients the step
-    applies, by parameter name.
+    Each step records the training rows (positions) of its micro-batches, each micro-batch's rows and input shape
+    (`micro`), the learning rate it applies (the highest of the groups) and, with keep_grads, the parameters just
+    before the step and the gradients the step applies, by parameter name.
     """
-    steps, rows = [], []
+    steps, micro = [], []
     loss = T.training_loss
 
     def recording_loss(model, batch, task, rdrop):
-        rows.extend(batch.positions.tolist())
+        micro.append({"rows": batch.positions.tolist(), "shape": tuple(batch.inputs["input_ids"].shape)})
         return loss(model, batch, task, rdrop)
 
     def recording_optimizer(model, cfg):
         optimizer = BUILD_OPTIMIZER(model, cfg)
 
         def hook(opt, args, kwargs):
-            step = {"rows": list(rows), "lr": max(g["lr"] for g in opt.param_groups)}
-            rows.clear()
+            step = {"rows": [r for m in micro for r in m["rows"]], "micro": list(micro),
+                    "lr": max(g["lr"] for g in opt.param_groups)}
+            micro.clear()
             if keep_grads:
                 step["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
                 step["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
@@ -404,6 +405,24 @@ def test_peak_memory_is_counted_per_fold():
     assert T.peak_memory_mb(cpu) > fresh + 200 and float(again[0]) == 1.0
 
 
+def run_interrupted(cfg, monkeypatch, module, name: str, at_call: int) -> dict:
+    """Train fold 0 with `module.name` raising KeyboardInterrupt at its `at_call`-th call, as a kill would stop it
+    there; the state.pt it leaves for `--resume`."""
+    real, calls = getattr(module, name), []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(cfg, folds=[0], progress=False)
+    monkeypatch.setattr(module, name, real)
+    return torch.load(cfg.run_dir / "fold0" / "state.pt", weights_only=False)
+
+
 def test_a_fold_interrupted_before_its_first_evaluation_resumes_from_the_last_epoch(tmp_path, tiny_backbone,
                                                                                      monkeypatch):
     """Evaluations may begin late (train.eval_start), so the state is also saved at each epoch's end."""
@@ -414,20 +433,8 @@ def test_a_fold_interrupted_before_its_first_evaluation_resumes_from_the_last_ep
     straight_log = pd.read_csv(cfg.run_dir / "fold0" / "log.csv")
 
     cfg.experiment = "interrupted"
-    collate, calls = D.collate, []
-
-    def crash_in_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 12:  # the second batch of the third epoch: no evaluation has run yet
-            raise KeyboardInterrupt
-        return collate(*args, **kwargs)
-
-    monkeypatch.setattr(D, "collate", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        T.run(cfg, folds=[0], progress=False)
-    state = torch.load(cfg.run_dir / "fold0" / "state.pt", weights_only=False)
+    state = run_interrupted(cfg, monkeypatch, D, "collate", 12)  # the third epoch's second batch: no evaluation yet
     assert state["step"] == 10 and state["log"] == []
-    monkeypatch.setattr(D, "collate", collate)
     resumed = T.run(cfg, folds=[0], resume=True, progress=False)[0]
     assert resumed["score"] == pytest.approx(straight["score"], abs=1e-6)
     resumed_preds = pd.read_csv(cfg.run_dir / "fold0" / "valid_predictions.csv")
