@@ -6,8 +6,10 @@ dropout takes the fused path away altogether. Written in plain ops (two matmuls 
 cheap dropout mask of `regularization.fast_dropout`, a training step is faster in both cases. Inference
 (no autograd) and every non-CPU device keep transformers' SDPA, which is the fastest there.
 
-Architectures that do not dispatch attention through transformers' AttentionInterface (e.g. DeBERTa)
-keep their own attention; `use_pipeline_attention` says which happened.
+Architectures that do not dispatch attention through transformers' AttentionInterface (e.g. DeBERTa) keep
+their own attention, and so do decoders (Qwen2, Llama, Gemma-2...): the kernel is an encoder's, bidirectional,
+without sliding windows or Gemma-2's softcapping, which SDPA lacks too (Gemma-2 loads with eager attention).
+`use_pipeline_attention` says which happened.
 
 Long inputs: a (batch, heads, T, T) score tensor larger than the CPU's caches makes every pass over it (the
 matmul that writes it, the scaling, the softmax, their backward) run at memory speed, so a step grew ~3x from
@@ -24,6 +26,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, sdpa_mask
 
+from pipeline.decoder import is_decoder
 from pipeline.regularization import fast_dropout
 
 NAME = "pipeline"
@@ -92,7 +95,7 @@ AttentionMaskInterface.register(NAME, padding_mask)
 
 def use_pipeline_attention(backbone: PreTrainedModel) -> bool:
     """Switch a loaded backbone to the pipeline's attention where its architecture allows; True if it did."""
-    if not backbone._can_set_attn_implementation():
+    if is_decoder(backbone.config) or not backbone._can_set_attn_implementation():
         return False
     backbone.set_attn_implementation(NAME)
     return backbone.config._attn_implementation == NAME

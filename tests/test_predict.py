@@ -35,7 +35,7 @@ def test_predictions_are_deterministic_with_dropout_in_the_model(tmp_path, tiny_
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("pooling", ["attention", "cls", "mean"])
+@pytest.mark.parametrize("pooling", ["attention", "cls", "mean", "last"])
 def test_a_row_predicts_the_same_alone_and_beside_a_much_longer_row(tmp_path, tiny_backbone, pooling):
     cfg = tiny_config(tmp_path, tiny_backbone, extra=["model.dropout=0", f"model.pooling={pooling}"])
     texts = ["red cat", " ".join(["alpha beta gamma delta"] * 12)]
