@@ -55,8 +55,8 @@ def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
         rows.extend(batch.positions.tolist())
         return loss(model, batch, task, rdrop)
 
-    def recording_optimizer(model, cfg):
-        optimizer = BUILD_OPTIMIZER(model, cfg)
+    def recording_optimizer(model, cfg, **kwargs):
+        optimizer = BUILD_OPTIMIZER(model, cfg, **kwargs)
 
         def hook(opt, args, kwargs):
             step = {"rows": list(rows), "lr": max(g["lr"] for g in opt.param_groups)}
