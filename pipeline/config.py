@@ -134,6 +134,11 @@ class TrainConfig:
     pseudo_weight: float = 1.0  # loss weight of a pseudo-labelled row (a true row's is 1)
     # Classification: the teacher's probabilities p become p**(1/T), renormalized; T > 1 softens, T < 1 sharpens.
     distill_temperature: float = 1.0
+    # Stage mode (CommonLit 1st, NBME 1st): > 0 trains a first stage on the fold's pseudo rows alone for this many
+    # epochs, then restarts the schedule (fresh optimizer, warmup) on the true labels for train.epochs. 0: the pseudo
+    # rows are mixed into every epoch.
+    pseudo_epochs: float = 0.0
+    pseudo_lr: float | None = None  # the pseudo stage's learning rate (head_lr scales with it); null: train.lr
 
 
 @dataclass
@@ -350,6 +355,16 @@ def validate(cfg: Config) -> None:
     for key, value in (("pseudo_weight", t.pseudo_weight), ("distill_temperature", t.distill_temperature)):
         need(t.pseudo is not None or value == 1.0, f"train.{key}",
              "acts on pseudo-labelled rows, and train.pseudo is null (set it to a `pipeline pseudo` CSV)")
+    need(t.pseudo_epochs >= 0, "train.pseudo_epochs", f"must be >= 0, got {t.pseudo_epochs}")
+    need(t.pseudo is not None or t.pseudo_epochs == 0, "train.pseudo_epochs",
+         "trains a first stage on pseudo-labelled rows, and train.pseudo is null (set it to a `pipeline pseudo` CSV)")
+    need(t.pseudo_lr is None or t.pseudo_lr > 0, "train.pseudo_lr", f"must be positive, got {t.pseudo_lr}")
+    need(t.pseudo_lr is None or t.pseudo_epochs > 0, "train.pseudo_lr",
+         "is the learning rate of the pseudo stage, and train.pseudo_epochs is 0 (the pseudo rows are mixed into "
+         "the one schedule at train.lr)")
+    need(t.pseudo_weight == 1 or t.pseudo_epochs == 0, "train.pseudo_weight",
+         "in stage mode (train.pseudo_epochs > 0) the pseudo rows train alone, where one weight on every row only "
+         "rescales the loss (AdamW undoes that); set the stage's rate with train.pseudo_lr")
     need(d.n_folds >= 2, "data.n_folds", f"must be at least 2, got {d.n_folds}")
     need(d.fold_bins >= 2, "data.fold_bins", f"must be at least 2, got {d.fold_bins}")
     need(d.max_length >= 8, "data.max_length", f"must be at least 8, got {d.max_length}")

@@ -99,3 +99,13 @@ def gather_list(item) -> list:
 def is_main_process() -> bool:
     """True in a single process and in the main process of a launch: where the CLI prints results."""
     return PartialState().is_main_process
+
+
+def release(accelerator: Accelerator, *objects) -> None:
+    """Forget prepared optimizers and schedulers that training no longer uses (a finished stage's).
+
+    accelerate keeps every object it prepared, and with fp16 `clip_grad_norm_` unscales the gradients through each
+    optimizer it keeps: a finished stage's optimizer over the same parameters would unscale them a second time.
+    """
+    accelerator._optimizers = [o for o in accelerator._optimizers if all(o is not x for x in objects)]
+    accelerator._schedulers = [s for s in accelerator._schedulers if all(s is not x for x in objects)]

@@ -195,7 +195,7 @@ def fold_rows(enc: D.Encoded, pseudo: PseudoLabels | None, fold: int, train_pos:
     """
     if pseudo is None:
         return FoldRows(enc, train_pos)
-    keep = np.flatnonzero(~np.isin(pseudo.ids, valid_ids))
+    keep = usable(pseudo, valid_ids)
     true = enc.targets if task == "regression" else np.eye(classes, dtype=np.float32)[enc.targets]
     both = D.Encoded(
         enc.input_ids + pseudo.enc.input_ids,
@@ -204,3 +204,23 @@ def fold_rows(enc: D.Encoded, pseudo: PseudoLabels | None, fold: int, train_pos:
         np.concatenate([np.ones(len(enc), np.float32), np.full(len(pseudo.enc), weight, np.float32)]),
         enc.padding_side)
     return FoldRows(both, np.concatenate([train_pos, len(enc) + keep]), len(keep))
+
+
+def pseudo_rows(pseudo: PseudoLabels, fold: int, valid_ids: np.ndarray) -> FoldRows:
+    """Stage mode's first stage: the pseudo rows fold `fold` may learn from, alone, with teacher fold `fold`'s targets.
+
+    The same rows and targets as `fold_rows` mixes in, without loss weights: alone in their stage, one weight on every
+    row would only rescale the loss.
+    """
+    keep = usable(pseudo, valid_ids)
+    if len(keep) == 0:
+        raise PipelineError(f"{pseudo.path}: no pseudo-labelled row is left for fold {fold} (every id is one of its "
+                            f"validation ids); train.pseudo_epochs needs rows to train on")
+    enc = D.Encoded(pseudo.enc.input_ids, pseudo.enc.token_type_ids, pseudo.targets[fold], pseudo.enc.max_length,
+                    padding_side=pseudo.enc.padding_side)
+    return FoldRows(enc, keep, len(keep))
+
+
+def usable(pseudo: PseudoLabels, valid_ids: np.ndarray) -> np.ndarray:
+    """Positions of the pseudo rows a fold may learn from: those whose id is none of its validation ids."""
+    return np.flatnonzero(~np.isin(pseudo.ids, valid_ids))

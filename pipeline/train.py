@@ -1,8 +1,8 @@
 """Fine-tune one fold: the training loop, evaluation on the held-out fold, the best checkpoint.
 
 Outputs in oof/<experiment>/fold<k>/: valid_predictions.csv (joined by id), log.csv (one row per
-evaluation), model.pt (best weights, a plain state dict), state.pt (everything `--resume` needs) and
-metrics.json, written last: a fold is complete when metrics.json exists.
+evaluation; a stage column in pseudo-label stage mode), model.pt (best weights, a plain state dict), state.pt
+(everything `--resume` needs) and metrics.json, written last: a fold is complete when metrics.json exists.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipeline import data as D
 from pipeline import pseudo as P
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.decoder import record_pad_token
-from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, shard
+from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, release, shard
 from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.inference import autocast, predict, resolve_device, resolve_precision  # noqa: F401 (T.predict)
@@ -85,13 +85,15 @@ def decays(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim >= 2 and "norm" not in name.lower()
 
 
-def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> torch.optim.AdamW:
     """AdamW (bias-corrected) with no weight decay on biases and LayerNorm; layer-wise LR decay by depth.
 
     With decay factor d, the head and the top layer train at the base rate, layer i from the top at
-    lr * d**i, and the embeddings lowest, at lr * d**n_layers.
+    lr * d**i, and the embeddings lowest, at lr * d**n_layers. `lr`: another base rate than train.lr (the pseudo
+    stage's); train.head_lr keeps its ratio to the base.
     """
     t = cfg.train
+    base = t.lr if lr is None else lr
     layers = encoder_layers(model.backbone)
     n = len(layers)
     depth_of = {}
@@ -104,16 +106,16 @@ def build_optimizer(model: TextModel, cfg: Config) -> torch.optim.AdamW:
         if not p.requires_grad:
             continue
         if p in head:
-            lr = t.head_lr or t.lr
+            rate = t.head_lr * (base / t.lr) if t.head_lr else base  # (base / t.lr is exactly 1 at train.lr)
         elif p in depth_of:
-            lr = t.lr * t.llrd ** depth_of[p]
+            rate = base * t.llrd ** depth_of[p]
         elif "embed" in name:
-            lr = t.lr * t.llrd ** n
+            rate = base * t.llrd ** n
         else:  # e.g. a final LayerNorm or pooler above the layers
-            lr = t.lr
-        groups.setdefault((lr, t.weight_decay if decays(name, p) else 0.0), []).append(p)
-    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=t.lr, foreach=True)
+            rate = base
+        groups.setdefault((rate, t.weight_decay if decays(name, p) else 0.0), []).append(p)
+    param_groups = [{"params": ps, "lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=base, foreach=True)
 
 
 def training_loss(model: TextModel, batch: D.Batch, task: str, rdrop: float) -> torch.Tensor:
@@ -169,18 +171,65 @@ class StepPlan:
     eval_steps: frozenset[int]
 
 
-def step_plan(t: TrainConfig, batches_per_epoch: int) -> StepPlan:
-    """How many steps a fold trains and after which optimizer steps it evaluates (always after the last).
+def step_plan(t: TrainConfig, batches_per_epoch: int, epochs: float | None = None) -> StepPlan:
+    """How many steps a fold (or a stage of `epochs`) trains and after which optimizer steps it evaluates (always
+    after the last).
 
     `batches_per_epoch`: micro-batches, ceil(rows / batch_size), or under train.max_tokens the count of
     `data.epoch_batches` (the same every epoch). Evaluations come every `eval_every` steps (0: twice per epoch) from
     `eval_start` of the way through: each one costs as much as several training steps.
     """
-    total_micro = max(1, round(batches_per_epoch * t.epochs))
+    total_micro = max(1, round(batches_per_epoch * (t.epochs if epochs is None else epochs)))
     total_steps = math.ceil(total_micro / t.grad_accum)
     every = t.eval_every or max(1, math.ceil(batches_per_epoch / t.grad_accum / 2))
     evals = {s for s in range(every, total_steps + 1, every) if s >= t.eval_start * total_steps}
     return StepPlan(batches_per_epoch, total_micro, total_steps, frozenset(evals | {total_steps}))
+
+
+# The pseudo stage draws its batch orders apart from the true stage's (seeds t.seed + 1000 x fold + epoch): with
+# pseudo rows as many as the true ones (distillation on the training texts), equal seeds would repeat the batches.
+PSEUDO_STREAM = 10**6
+
+
+@dataclass
+class Stage:
+    """One schedule of a fold: what it trains on, its steps and evaluations, its base rate and its batch order.
+
+    A fold is one stage, "true" (its true rows, and train.pseudo's rows mixed in where it is set). In stage mode
+    (train.pseudo_epochs > 0) it is two: "pseudo" (the fold's pseudo rows alone, train.pseudo_epochs at
+    train.pseudo_lr), then "true" (its true rows alone, exactly as a fold without the first stage). Each stage
+    has its own optimizer, warmup and schedule.
+    """
+
+    name: str  # the log's `stage` column in stage mode
+    rows: P.FoldRows
+    plan: StepPlan
+    lr: float  # the optimizer's base rate
+    seed: int  # epoch e's batches are drawn with seed + e
+    first_step: int = 0  # optimizer steps of the stages before it: the log and best_step count the fold's steps
+    final: bool = True  # the true labels' stage: the techniques act in it and its evaluations choose the checkpoint
+
+
+def fold_stages(prep: Prepared, fold: int, train_pos: np.ndarray, valid_pos: np.ndarray) -> list[Stage]:
+    """The fold's stages, planned before training starts: `--resume` finds a saved stage's plan without training."""
+    cfg, t = prep.cfg, prep.cfg.train
+    valid_ids = prep.train_df[cfg.data.id_column].to_numpy()[valid_pos]
+    seed = t.seed + 1000 * fold
+    if t.pseudo_epochs == 0:
+        rows = P.fold_rows(prep.enc, prep.pseudo, fold, train_pos, valid_ids, cfg.data.task, prep.outputs,
+                           t.pseudo_weight)  # + pseudo-labelled rows (train.pseudo)
+        return [Stage("true", rows, step_plan(t, batch_count(t, rows, seed)), t.lr, seed)]
+    pseudo = P.pseudo_rows(prep.pseudo, fold, valid_ids)
+    first = Stage("pseudo", pseudo, step_plan(t, batch_count(t, pseudo, seed + PSEUDO_STREAM), t.pseudo_epochs),
+                  t.pseudo_lr or t.lr, seed + PSEUDO_STREAM, final=False)
+    true = P.FoldRows(prep.enc, train_pos)
+    return [first, Stage("true", true, step_plan(t, batch_count(t, true, seed)), t.lr, seed,
+                         first_step=first.plan.total_steps)]
+
+
+def batch_count(t: TrainConfig, rows: P.FoldRows, seed: int) -> int:
+    """Micro-batches per epoch: the same at every epoch's seed (under train.max_tokens it depends on the lengths)."""
+    return len(D.epoch_batches(t, rows.lengths, seed, rows.enc.max_length))
 
 
 def evaluate(model: torch.nn.Module, prep: Prepared, valid_pos: np.ndarray, device: torch.device,
@@ -197,21 +246,22 @@ def evaluate(model: torch.nn.Module, prep: Prepared, valid_pos: np.ndarray, devi
 class FoldState:
     """How far a fold has trained: with the weights, optimizer, scheduler and techniques, what `--resume` restores."""
 
-    step: int = 0  # optimizer steps taken
-    micro: int = 0  # micro-batches taken
+    step: int = 0  # optimizer steps taken in the stage
+    micro: int = 0  # micro-batches taken in the stage
     best: float | None = None
-    best_step: int = -1
+    best_step: int = -1  # counted from the fold's start
     best_preds: np.ndarray | None = None
     log: list[dict] = field(default_factory=list)  # one row per evaluation
     skipped: int = 0  # optimizer steps the fp16 GradScaler skipped
     elapsed_s: float = 0.0
     running_loss: float = 0.0  # training loss summed since the last evaluation, for the log
     running_n: int = 0
+    stage: int = 0  # the stage being trained (an index into `fold_stages`)
 
 
 @dataclass
 class Trainer:
-    """One fold's training objects, as `accelerator.prepare` returned them (DDP-wrapped where several processes)."""
+    """One stage's training objects, as `accelerator.prepare` returned them (DDP-wrapped where several processes)."""
 
     accelerator: Accelerator
     model: torch.nn.Module
@@ -246,14 +296,32 @@ def new_model(prep: Prepared, train_pos: np.ndarray, main: bool) -> TextModel:
     return model
 
 
-def make_trainer(model: TextModel, cfg: Config, plan: StepPlan, accelerator: Accelerator) -> Trainer:
-    t = cfg.train
-    model.to(accelerator.device)
-    optimizer = build_optimizer(model, cfg)
+def stage_optimization(model: TextModel, cfg: Config, stage: Stage) -> tuple[torch.optim.AdamW, object, Techniques]:
+    """A stage's fresh optimizer, its schedule (warmup and decay over the stage's steps) and its techniques.
+
+    AWP, FGM, EMA and SWA act in the final stage only, counted on its schedule as in a fold without a pseudo stage
+    (EMA starts from the weights it starts from): the pseudo stage is pre-training that hands on its live weights.
+    """
+    t, plan = cfg.train, stage.plan
+    optimizer = build_optimizer(model, cfg, lr=stage.lr)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * plan.total_steps),
                               num_training_steps=plan.total_steps)
-    techniques = build_techniques(t, model, plan.total_steps, plan.batches_per_epoch / t.grad_accum)
+    techniques = (build_techniques(t, model, plan.total_steps, plan.batches_per_epoch / t.grad_accum)
+                  if stage.final else Techniques())
+    return optimizer, scheduler, techniques
+
+
+def make_trainer(model: TextModel, cfg: Config, stage: Stage, accelerator: Accelerator) -> Trainer:
+    model.to(accelerator.device)
+    optimizer, scheduler, techniques = stage_optimization(model, cfg, stage)
     return Trainer(accelerator, *accelerator.prepare(model, optimizer, scheduler), techniques)
+
+
+def next_stage(tr: Trainer, cfg: Config, stage: Stage) -> Trainer:
+    """The trainer of the stage after `tr`'s: the same prepared model, where the last stage left it; all else new."""
+    release(tr.accelerator, tr.optimizer, tr.scheduler)
+    optimizer, scheduler, techniques = stage_optimization(tr.bare, cfg, stage)
+    return Trainer(tr.accelerator, tr.model, *tr.accelerator.prepare(optimizer, scheduler), techniques)
 
 
 def save_state(path: Path, tr: Trainer, fs: FoldState, started: float) -> None:
@@ -269,8 +337,8 @@ def save_state(path: Path, tr: Trainer, fs: FoldState, started: float) -> None:
         "techniques": tr.techniques.state_dict()})
 
 
-def load_state(path: Path, tr: Trainer) -> FoldState:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def load_state(state: dict, path: Path, tr: Trainer) -> FoldState:
+    """Restore a state `save_state` wrote to `path` into the trainer of its stage."""
     acc = tr.accelerator
     tr.bare.load_state_dict(state["model"])
     tr.optimizer.load_state_dict(state["optimizer"])
@@ -281,21 +349,48 @@ def load_state(path: Path, tr: Trainer) -> FoldState:
     tr.techniques.load_state_dict(state.get("techniques", [{} for _ in tr.techniques]))
     log = state["log"]
     # (states saved before these keys existed resume from the last evaluation's time and a fresh loss average)
-    defaults = {"elapsed_s": log[-1]["elapsed_s"] if log else 0.0, "running_loss": 0.0, "running_n": 0}
+    defaults = {"elapsed_s": log[-1]["elapsed_s"] if log else 0.0, "running_loss": 0.0, "running_n": 0, "stage": 0}
     return FoldState(**{f.name: state.get(f.name, defaults.get(f.name)) for f in fields(FoldState)})
+
+
+@dataclass
+class FoldRun:
+    """What stays fixed while a fold trains, for its stages: what it scores, where it writes, how it reports."""
+
+    prep: Prepared
+    fold: int
+    accelerator: Accelerator
+    precision: str
+    valid_pos: np.ndarray
+    y_valid: np.ndarray
+    out: Path
+    total_steps: int  # over every stage
+    staged: bool  # stage mode: the log has a stage column
+    bar: Progress
+    task_id: int
+    started: float
+    saved_at: tuple[int, int]  # (stage, step) of the state last saved
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    def save_if_new(self, tr: Trainer, fs: FoldState, stage: Stage) -> None:
+        """The state `--resume` continues from, after a step not saved yet (none after a stage's last step: the
+        fold ends, or the next stage starts and saves its first state)."""
+        if self.prep.cfg.train.save_checkpoint and self.saved_at < (fs.stage, fs.step) and \
+                fs.step < stage.plan.total_steps:
+            save_state(self.state_path, tr, fs, self.started)
+            self.saved_at = (fs.stage, fs.step)
 
 
 def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool = True) -> dict:
     """Train one fold, on this process or on every process of an `accelerate launch` / `torchrun` launch.
 
-    Set-up; then per micro-batch: this process's share of the global batch, forward and backward (gradients
-    exchanged only on a group's last micro-batch), the techniques' adversarial passes; per optimizer step:
-    clip, step, schedule, the techniques' averages; at an evaluation step: predict with the weights the
-    techniques evaluate (averaged or live), keep the best, log, save the state. Gradient accumulation is counted
-    here rather than by `accelerator.accumulate`: a last group cut short by the end of the schedule averages over
-    its own micro-batches, so that batch 4 x accumulation 3 takes the same steps as batch 12 whatever the rows.
+    Set-up; then each stage (`fold_stages`: one, or the pseudo rows' and then the true rows') with its own
+    optimizer and schedule (`train_stage`); the predictions and metrics of the best evaluation of the last stage.
     """
-    cfg, t, task = prep.cfg, prep.cfg.train, prep.cfg.data.task
+    cfg, t = prep.cfg, prep.cfg.train
     if fold not in set(prep.fold.tolist()):
         raise PipelineError(f"fold {fold} does not exist: data.n_folds is {cfg.data.n_folds}")
     out, state_path = fold_dir(cfg, fold), fold_dir(cfg, fold) / "state.pt"
@@ -317,25 +412,64 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
 
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
-    rows = P.fold_rows(prep.enc, prep.pseudo, fold, train_pos, prep.train_df[cfg.data.id_column].to_numpy()[valid_pos],
-                       task, prep.outputs, t.pseudo_weight)  # + pseudo-labelled rows (train.pseudo)
-    # The epoch's batch count, the same at every epoch's seed (with train.max_tokens it depends on the lengths)
-    plan = step_plan(t, len(D.epoch_batches(t, rows.lengths, t.seed + 1000 * fold, rows.enc.max_length)))
-    tr = make_trainer(new_model(prep, train_pos, main), cfg, plan, accelerator)
-    model, optimizer, scheduler, techniques = tr.model, tr.optimizer, tr.scheduler, tr.techniques
+    stages = fold_stages(prep, fold, train_pos, valid_pos)
+    tr = make_trainer(new_model(prep, train_pos, main), cfg, stages[0], accelerator)
     if rank:
         torch.manual_seed(t.seed + fold + 7919 * rank)  # other dropout masks on each process's rows
-    fs = load_state(state_path, tr) if resume and state_path.exists() else FoldState()
-    pad_id = prep.tokenizer.pad_token_id or 0
-    y_valid = metric_target(prep, valid_pos)
-    started, saved_at = time.time() - fs.elapsed_s, fs.step
+    fs = FoldState()
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("stage", 0):  # saved in a later stage: restored into that stage's optimizer and schedule
+            tr = next_stage(tr, cfg, stages[state["stage"]])
+        fs = load_state(state, state_path, tr)
+        del state  # (a copy of the weights and the optimizer's moments)
+    total_steps = stages[-1].first_step + stages[-1].plan.total_steps
 
-    def save_if_new() -> None:
-        """The state `--resume` continues from, after a step not saved yet (none after the last: the fold ends)."""
-        nonlocal saved_at
-        if t.save_checkpoint and saved_at < fs.step < plan.total_steps:
-            save_state(state_path, tr, fs, started)
-            saved_at = fs.step
+    bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   disable=not (progress and main), transient=False)
+    task_id = bar.add_task("train", total=total_steps, completed=stages[fs.stage].first_step + fs.step, status="")
+    run = FoldRun(prep, fold, accelerator, precision, valid_pos, metric_target(prep, valid_pos), out, total_steps,
+                  len(stages) > 1, bar, task_id, time.time() - fs.elapsed_s, (fs.stage, fs.step))
+    with bar:
+        train_stage(run, tr, fs, stages[fs.stage])
+        while fs.stage + 1 < len(stages):  # stage mode: the schedule restarts, on the true labels
+            fs.stage, fs.step, fs.micro = fs.stage + 1, 0, 0
+            tr = next_stage(tr, cfg, stages[fs.stage])
+            run.save_if_new(tr, fs, stages[fs.stage])  # `--resume` continues from the boundary
+            train_stage(run, tr, fs, stages[fs.stage])
+
+    metrics = {"fold": fold, "metric": cfg.metric, "score": fs.best, "best_step": fs.best_step,
+               "steps": total_steps, "train_rows": len(train_pos), "valid_rows": len(valid_pos),
+               "precision": precision, "device": str(device), "processes": world,
+               "train_seconds": round(time.time() - run.started, 1), "peak_memory_mb": peak_memory_mb(device),
+               "skipped_steps": fs.skipped}
+    if run.staged:  # how far the pseudo stage alone took the fold, for a comparison with the true labels' best
+        metrics |= {"pseudo_rows": stages[0].rows.pseudo_rows, "pseudo_steps": stages[0].plan.total_steps,
+                    "pseudo_score": [row for row in fs.log if row["stage"] == stages[0].name][-1][cfg.metric]}
+    if main:
+        write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, fs.best_preds))
+        write_json_atomic(out / "metrics.json", metrics)
+        state_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def train_stage(run: FoldRun, tr: Trainer, fs: FoldState, stage: Stage) -> None:
+    """Train `stage` from where `fs` stands to its last optimizer step.
+
+    Per micro-batch: this process's share of the global batch, forward and backward (gradients exchanged only on a
+    group's last micro-batch), the techniques' adversarial passes; per optimizer step: clip, step, schedule, the
+    techniques' averages; at an evaluation step: `evaluation`, then the state `--resume` continues from. Gradient
+    accumulation is counted here rather than by `accelerator.accumulate`: a last group cut short by the end of the
+    schedule averages over its own micro-batches, so that batch 4 x accumulation 3 takes the same steps as batch 12
+    whatever the rows.
+    """
+    cfg, t, task = run.prep.cfg, run.prep.cfg.train, run.prep.cfg.data.task
+    accelerator, plan, rows = run.accelerator, stage.plan, stage.rows
+    model, optimizer, scheduler, techniques = tr.model, tr.optimizer, tr.scheduler, tr.techniques
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    pad_id = run.prep.tokenizer.pad_token_id or 0
 
     def forward_backward(batch: D.Batch, scale: float) -> torch.Tensor:
         """A micro-batch's loss, and its gradients scaled to its share of the optimizer step."""
@@ -343,86 +477,84 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
         accelerator.backward(loss * scale)
         return loss
 
-    bar = Progress(TextColumn(f"[bold]{cfg.experiment} fold {fold}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   disable=not (progress and main), transient=False)
-    with bar:
-        task_id = bar.add_task("train", total=plan.total_steps, completed=fs.step, status="")
-        epoch = fs.micro // plan.batches_per_epoch
-        while fs.micro < plan.total_micro:
-            batches = D.epoch_batches(t, rows.lengths, t.seed + 1000 * fold + epoch, rows.enc.max_length)
-            for positions in batches[fs.micro - epoch * plan.batches_per_epoch:]:
-                if fs.micro >= plan.total_micro:
-                    break
-                model.train()
-                share, weight = shard(positions, rank, world)
-                batch = D.collate(rows.enc, rows.positions[share].tolist(), pad_id, t.pad_to_multiple_of).to(device)
-                group = min(t.grad_accum, plan.total_micro - (fs.micro // t.grad_accum) * t.grad_accum)
-                last_of_group = (fs.micro + 1) % t.grad_accum == 0 or fs.micro + 1 == plan.total_micro
-                with contextlib.nullcontext() if last_of_group else accelerator.no_sync(model):
-                    loss = forward_backward(batch, weight / group)
-                    if not torch.isfinite(loss) and accelerator.scaler is None:  # fp16: the scaler skips the step
-                        raise PipelineError(
-                            f"{cfg.experiment} fold {fold}: loss is {loss.item()} at optimizer step {fs.step} "
-                            f"(lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or check the targets")
-                    techniques.after_backward(tr.bare, partial(forward_backward, batch, weight / group), fs.step)
-                fs.running_loss += loss.item() * weight
-                fs.running_n += 1
-                fs.micro += 1
-                if not last_of_group:
-                    continue
+    epoch = fs.micro // plan.batches_per_epoch
+    while fs.micro < plan.total_micro:
+        batches = D.epoch_batches(t, rows.lengths, stage.seed + epoch, rows.enc.max_length)
+        for positions in batches[fs.micro - epoch * plan.batches_per_epoch:]:
+            if fs.micro >= plan.total_micro:
+                break
+            model.train()
+            share, weight = shard(positions, rank, world)
+            batch = D.collate(rows.enc, rows.positions[share].tolist(), pad_id, t.pad_to_multiple_of).to(device)
+            group = min(t.grad_accum, plan.total_micro - (fs.micro // t.grad_accum) * t.grad_accum)
+            last_of_group = (fs.micro + 1) % t.grad_accum == 0 or fs.micro + 1 == plan.total_micro
+            with contextlib.nullcontext() if last_of_group else accelerator.no_sync(model):
+                loss = forward_backward(batch, weight / group)
+                if not torch.isfinite(loss) and accelerator.scaler is None:  # fp16: the scaler skips the step
+                    raise PipelineError(
+                        f"{cfg.experiment} fold {run.fold}: loss is {loss.item()} at optimizer step "
+                        f"{stage.first_step + fs.step} (lr {max(scheduler.get_last_lr()):.2e}); lower train.lr or "
+                        "check the targets")
+                techniques.after_backward(tr.bare, partial(forward_backward, batch, weight / group), fs.step)
+            fs.running_loss += loss.item() * weight
+            fs.running_n += 1
+            fs.micro += 1
+            if not last_of_group:
+                continue
 
-                if t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()  # not after a step the fp16 GradScaler skipped
-                optimizer.zero_grad(set_to_none=True)
-                fs.skipped += optimizer.step_was_skipped  # fp16 gradients overflowed: the scaler lowered its scale
-                fs.step += 1
-                techniques.after_step(tr.bare, fs.step)
-                bar.update(task_id, completed=fs.step)
-                if fs.step not in plan.eval_steps:
-                    continue
+            if t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()  # not after a step the fp16 GradScaler skipped
+            optimizer.zero_grad(set_to_none=True)
+            fs.skipped += optimizer.step_was_skipped  # fp16 gradients overflowed: the scaler lowered its scale
+            fs.step += 1
+            techniques.after_step(tr.bare, fs.step)
+            run.bar.update(run.task_id, completed=stage.first_step + fs.step)
+            if fs.step not in plan.eval_steps:
+                continue
+            evaluation(run, tr, fs, stage)
+            run.save_if_new(tr, fs, stage)
+        epoch += 1
+        if fs.micro % t.grad_accum == 0:
+            run.save_if_new(tr, fs, stage)  # at each epoch's end too: evaluations may begin late in the schedule
 
-                eval_started = time.time()
-                techniques.at_evaluation(tr.bare, fs.step)
-                with techniques.evaluation_weights(tr.bare):  # the weights evaluated and saved (EMA, SWA: averaged)
-                    preds = evaluate(model, prep, valid_pos, device, precision, rank, world)
-                    if not np.isfinite(preds).all():
-                        raise PipelineError(f"{cfg.experiment} fold {fold}: non-finite predictions at step {fs.step}")
-                    value = score(cfg.metric, y_valid, preds)
-                    if is_better(cfg.metric, value, fs.best):
-                        fs.best, fs.best_step, fs.best_preds = value, fs.step, preds
-                        if t.save_checkpoint and main:
-                            save_torch_atomic(out / "model.pt", tr.bare.state_dict())
-                train_loss = sum(gather_list(fs.running_loss)) / world / max(fs.running_n, 1)
-                fs.log.append({"step": fs.step, "epoch": round(fs.micro / plan.batches_per_epoch, 3),
-                               "lr": max(scheduler.get_last_lr()), "train_loss": train_loss, cfg.metric: value,
-                               "eval_s": round(time.time() - eval_started, 2),
-                               "elapsed_s": round(time.time() - started, 2)})
-                fs.running_loss, fs.running_n = 0.0, 0
-                if main:
-                    write_csv_atomic(out / "log.csv", pd.DataFrame(fs.log))
-                status = f"loss {train_loss:.4f}  {cfg.metric} {value:.4f} (best {fs.best:.4f})"
-                bar.update(task_id, status=status)
-                if progress and main and not bar.console.is_terminal:  # logs get a line per evaluation
-                    bar.console.print(f"{cfg.experiment} fold {fold} step {fs.step}/{plan.total_steps}: {status}")
-                save_if_new()
-            epoch += 1
-            if fs.micro % t.grad_accum == 0:
-                save_if_new()  # at each epoch's end too: evaluations may begin late in the schedule
 
-    metrics = {"fold": fold, "metric": cfg.metric, "score": fs.best, "best_step": fs.best_step,
-               "steps": plan.total_steps, "train_rows": len(train_pos), "valid_rows": len(valid_pos),
-               "precision": precision, "device": str(device), "processes": world,
-               "train_seconds": round(time.time() - started, 1), "peak_memory_mb": peak_memory_mb(device),
-               "skipped_steps": fs.skipped}
-    if main:
-        write_csv_atomic(out / "valid_predictions.csv", prediction_frame(prep, valid_pos, fs.best_preds))
-        write_json_atomic(out / "metrics.json", metrics)
-        state_path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    return metrics
+def evaluation(run: FoldRun, tr: Trainer, fs: FoldState, stage: Stage) -> None:
+    """After optimizer step `fs.step` of `stage`: predict with the weights the techniques evaluate (averaged or
+    live), keep the best, log.
+
+    Only the final stage's evaluations may give the checkpoint: a fold's model is one trained on its true labels
+    (the pseudo stage's are logged, to show where the true labels start from and what they add).
+    """
+    cfg, tech, accelerator = run.prep.cfg, tr.techniques, run.accelerator
+    step, world = stage.first_step + fs.step, accelerator.num_processes
+    eval_started = time.time()
+    tech.at_evaluation(tr.bare, fs.step)
+    with tech.evaluation_weights(tr.bare):  # the weights evaluated and saved (EMA, SWA: averaged)
+        preds = evaluate(tr.model, run.prep, run.valid_pos, accelerator.device, run.precision,
+                         accelerator.process_index, world)
+        if not np.isfinite(preds).all():
+            raise PipelineError(f"{cfg.experiment} fold {run.fold}: non-finite predictions at step {step}")
+        value = score(cfg.metric, run.y_valid, preds)
+        if stage.final and is_better(cfg.metric, value, fs.best):
+            fs.best, fs.best_step, fs.best_preds = value, step, preds
+            if cfg.train.save_checkpoint and accelerator.is_main_process:
+                save_torch_atomic(run.out / "model.pt", tr.bare.state_dict())
+    train_loss = sum(gather_list(fs.running_loss)) / world / max(fs.running_n, 1)
+    fs.log.append({**({"stage": stage.name} if run.staged else {}),
+                   "step": step, "epoch": round(fs.micro / stage.plan.batches_per_epoch, 3),
+                   "lr": max(tr.scheduler.get_last_lr()), "train_loss": train_loss, cfg.metric: value,
+                   "eval_s": round(time.time() - eval_started, 2), "elapsed_s": round(time.time() - run.started, 2)})
+    fs.running_loss, fs.running_n = 0.0, 0
+    if accelerator.is_main_process:
+        write_csv_atomic(run.out / "log.csv", pd.DataFrame(fs.log))
+    best = "" if fs.best is None else f" (best {fs.best:.4f})"
+    status = f"loss {train_loss:.4f}  {cfg.metric} {value:.4f}{best}"
+    run.bar.update(run.task_id, status=status)
+    if not run.bar.disable and not run.bar.console.is_terminal:  # (progress shown) logs get a line per evaluation
+        where = f" ({stage.name} stage)" if run.staged else ""
+        run.bar.console.print(f"{cfg.experiment} fold {run.fold} step {step}/{run.total_steps}{where}: {status}")
 
 
 def rank_rng(state: dict, path: Path, rank: int, world: int) -> dict:

@@ -128,6 +128,9 @@ def test_pseudo_labelled_rows_are_padded_like_the_true_rows(tiny_decoder):
     rows = P.fold_rows(enc, pseudo, 0, np.arange(2), np.array([]), "regression", 1, 1.0)
     mask = D.collate(rows.enc, rows.positions.tolist(), pad_id).inputs["attention_mask"]
     assert len(mask) == 4 and bool(mask[:, -1].all()) and not bool(mask[:, 0].all())
+    staged = P.pseudo_rows(pseudo, 0, np.array([]))  # stage mode: the pseudo rows alone
+    mask = D.collate(staged.enc, staged.positions.tolist(), pad_id).inputs["attention_mask"]
+    assert len(mask) == 2 and bool(mask[:, -1].all()) and not bool(mask[:, 0].all())
 
 
 def test_a_decoder_ignores_segment_ids(tmp_path, tiny_decoder):

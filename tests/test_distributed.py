@@ -109,6 +109,32 @@ def test_two_processes_share_each_token_budgeted_batch_as_one_process_trains_it(
     np.testing.assert_allclose(log_two["train_loss"], log_one["train_loss"], rtol=1e-5)
 
 
+def test_two_processes_train_a_staged_fold_as_one_process(tmp_path, tiny_backbone):
+    """Pseudo-label stage mode: the second stage's optimizer and schedule, prepared on the running accelerator
+    beside the DDP model, step as on one process."""
+    from pipeline import bow
+    from pipeline import pseudo as P
+    from tests.test_pseudo import teacher_config
+
+    config_file(tmp_path, tiny_backbone, "data", [])  # writes the dataset
+    teacher = teacher_config(tmp_path, tmp_path / "data", "regression")
+    bow.run(teacher)
+    staged = [f"train.pseudo={P.write(teacher, teacher.data.train_path)}", "train.pseudo_epochs=1",
+              "train.pseudo_lr=1e-3", "train.epochs=1"]
+    path, cfg = config_file(tmp_path, tiny_backbone, "ddp", staged)
+    launch(path, tmp_path / "oof", 2)
+    single = tiny_config(tmp_path, tiny_backbone, n=166, extra=EXACT + staged + ["experiment=single"])
+    one = T.run(single, folds=[0], progress=False)[0]
+    two = json.loads((fold0(cfg) / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["pseudo_steps"] == one["pseudo_steps"] == 6 and two["steps"] == 12
+    assert two["best_step"] == one["best_step"] > 6
+    np.testing.assert_allclose(two["score"], one["score"], rtol=1e-5)
+    log_two, log_one = pd.read_csv(fold0(cfg) / "log.csv"), pd.read_csv(fold0(single) / "log.csv")
+    assert log_two["stage"].tolist() == log_one["stage"].tolist() == ["pseudo"] * 3 + ["true"] * 3
+    np.testing.assert_allclose(log_two["lr"], log_one["lr"])
+    np.testing.assert_allclose(log_two[["train_loss", "rmse"]], log_one[["train_loss", "rmse"]], rtol=1e-5)
+
+
 def test_a_two_process_run_killed_by_a_signal_resumes_to_the_same_predictions(tmp_path, tiny_backbone):
     """With dropout on (each process's own masks, saved per process), SIGKILL mid-fold then --resume ends where
     an uninterrupted two-process run ends."""

@@ -55,8 +55,8 @@ def record_steps(monkeypatch, keep_grads: bool = True) -> list[dict]:
         micro.append({"rows": batch.positions.tolist(), "shape": tuple(batch.inputs["input_ids"].shape)})
         return loss(model, batch, task, rdrop)
 
-    def recording_optimizer(model, cfg):
-        optimizer = BUILD_OPTIMIZER(model, cfg)
+    def recording_optimizer(model, cfg, **kwargs):
+        optimizer = BUILD_OPTIMIZER(model, cfg, **kwargs)
 
         def hook(opt, args, kwargs):
             step = {"rows": [r for m in micro for r in m["rows"]], "micro": list(micro),

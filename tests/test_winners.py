@@ -155,8 +155,8 @@ def record_weights_after_each_step(monkeypatch) -> list[dict]:
     """The live trainable weights after every optimizer step of train_fold, first the initial ones."""
     history, build = [], T.build_optimizer
 
-    def recording(model, cfg):
-        optimizer = build(model, cfg)
+    def recording(model, cfg, **kwargs):
+        optimizer = build(model, cfg, **kwargs)
         history.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         optimizer.register_step_post_hook(lambda *_: history.append(
             {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
@@ -238,7 +238,7 @@ def test_swa_in_train_fold_saves_the_average_of_the_evaluations_from_its_start(t
 
 def test_frozen_layers_do_not_change_and_get_no_optimizer_state(tmp_path, tiny_backbone, monkeypatch):
     optimizers, build = [], T.build_optimizer
-    monkeypatch.setattr(T, "build_optimizer", lambda model, cfg: optimizers.append(build(model, cfg)) or
+    monkeypatch.setattr(T, "build_optimizer", lambda model, cfg, **kw: optimizers.append(build(model, cfg, **kw)) or
                         optimizers[-1])
     cfg = tiny_config(tmp_path, tiny_backbone, extra=NO_DROPOUT + ["model.freeze_layers=1", "train.lr=3e-3"])
     T.run(cfg, folds=[0], progress=False)
