@@ -13,7 +13,7 @@ SET ?=
 ARGS := $(if $(DATA),--set data.dir=$(DATA)) $(foreach s,$(SET),--set $(s))
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help setup demo test test-slow lint folds pretrain train oof predict submit ensemble package rehearse report bench bench-cost bench-kaggle blends
+.PHONY: help setup demo test test-slow lint folds pretrain train oof predict submit ensemble package rehearse report bench bench-cost bench-lora bench-kaggle blends
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -125,3 +125,6 @@ bench-kaggle: setup ## The recipe's Kaggle kit: size, and the offline kernel's w
 
 bench-cost: setup ## Each technique's time and peak memory per training step, relative to the baseline (SET=... for all)
 	$(BIN)/python bench/technique_cost.py --data $(BENCH_DATA) --steps 10 $(foreach s,$(SET),--set $(s))
+
+bench-lora: setup ## LoRA (configs/lora_minilm.yaml) against full fine-tuning: time, memory, checkpoint, fold-0 scores once trained
+	$(BIN)/python bench/lora_cost.py --data $(BENCH_DATA) --steps 10 $(foreach s,$(SET),--set $(s))

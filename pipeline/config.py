@@ -88,6 +88,16 @@ class ModelConfig:
     # every nn.Dropout too.
     attention: Literal["pipeline", "sdpa", "eager"] = "pipeline"
     fast_dropout: bool = True
+    # LoRA (pipeline/techniques/lora.py, through peft): rank r of the adapters; 0: off, every weight trains. On, the
+    # backbone is frozen and only the adapters and the head train; fold checkpoints hold those alone.
+    lora_r: int = 0
+    lora_alpha: float | None = None  # the adapters' output is scaled by alpha / r; null: 2 x lora_r
+    lora_dropout: float = 0.05  # dropout on each adapter's input (QLoRA's value for 7B-13B models)
+    # Names (or dotted suffixes) of the Linear layers inside the transformer layers that get adapters; null: every
+    # Linear there (attention and MLP), which QLoRA found needed to match full fine-tuning.
+    lora_target_modules: list[str] | None = None
+    # Load the backbone quantized by bitsandbytes (CUDA only), frozen under LoRA adapters (QLoRA); null: as saved.
+    load_in: Literal["8bit", "4bit"] | None = None
 
 
 @dataclass
@@ -99,6 +109,9 @@ class TrainConfig:
     head_lr: float | None = None  # null: same as lr
     llrd: float = 1.0  # layer-wise LR decay factor per layer from the top; 1.0 is off
     weight_decay: float = 0.01
+    # adamw: torch's; adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit states (CUDA only), a quarter of the
+    # optimizer's memory; paged also moves them to CPU memory when the GPU runs short.
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 turns clipping off
@@ -300,14 +313,14 @@ def parse_override(text: str) -> dict[str, Any]:
     return {parts[0]: {parts[1]: value}}
 
 
+def need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise PipelineError(f"config key '{key}': {message}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, m, t = cfg.data, cfg.model, cfg.train
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise PipelineError(f"config key '{key}': {message}")
-
     need(0.0 <= m.mixout < 1.0, "model.mixout", f"must be in [0, 1), got {m.mixout}")
     for key, p in [("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
                    ("model.head_dropout", m.head_dropout), ("model.msd_dropout", m.msd_dropout)]:
@@ -346,6 +359,7 @@ def validate(cfg: Config) -> None:
          "FGM perturbs the word embeddings along their gradient, and model.freeze_layers freezes them "
          "(they get none)")
     need(0 <= t.eval_start < 1, "train.eval_start", f"must be in [0, 1), got {t.eval_start}")
+    validate_lora(m, t)
     need(t.pseudo is None or t.pseudo.strip() != "", "train.pseudo",
          "must be a CSV written by `pipeline pseudo`, or null")
     need(t.pseudo_weight > 0, "train.pseudo_weight", f"must be positive, got {t.pseudo_weight}")
@@ -389,6 +403,31 @@ def validate(cfg: Config) -> None:
     need(p.output is None or p.output.strip() != "", "pretrain.output", "must be a folder, or null")
     need(bool(cfg.experiment) and "/" not in cfg.experiment, "experiment", f"bad name {cfg.experiment!r}")
     validate_tfidf(cfg.tfidf)
+
+
+def validate_lora(m: ModelConfig, t: TrainConfig) -> None:
+    """LoRA's own ranges, and the techniques that cannot act on a frozen (or quantized) backbone."""
+    need(m.lora_r >= 0, "model.lora_r", f"must be >= 0 (0: off), got {m.lora_r}")
+    need(m.lora_alpha is None or m.lora_alpha > 0, "model.lora_alpha", f"must be positive, got {m.lora_alpha}")
+    need(0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    need(m.lora_target_modules is None or len(m.lora_target_modules) > 0, "model.lora_target_modules",
+         "name at least one Linear layer, or null for every Linear of the transformer layers")
+    if m.lora_r == 0:
+        for key, value, default in (("lora_alpha", m.lora_alpha, None), ("lora_dropout", m.lora_dropout, 0.05),
+                                    ("lora_target_modules", m.lora_target_modules, None)):
+            need(value == default, f"model.{key}", "configures LoRA adapters, and model.lora_r is 0 (off)")
+        need(m.load_in is None, "model.load_in",
+             f"a {m.load_in} backbone cannot be fine-tuned itself; train LoRA adapters on it (set model.lora_r)")
+        return
+    frozen = f"LoRA freezes every backbone weight (model.lora_r={m.lora_r})"
+    quantized = f" and model.load_in={m.load_in} quantizes them" if m.load_in else ""
+    need(m.mixout == 0, "model.mixout", f"mixes trained weights back toward their pretrained values, and {frozen}"
+         f"{quantized}: they never move; LoRA's own regularizer is model.lora_dropout")
+    need(m.reinit_layers == 0, "model.reinit_layers",
+         f"re-initialized layers would stay frozen at random weights: {frozen}")
+    need(m.freeze_layers is None, "model.freeze_layers", f"{frozen} already (the embeddings and every layer)")
+    need(t.fgm == 0, "train.fgm", f"FGM perturbs the word embeddings along their gradient, and {frozen}: "
+         f"they get none")
 
 
 def validate_tfidf(f: TfidfConfig) -> None:

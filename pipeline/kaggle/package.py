@@ -20,10 +20,12 @@ import torch
 
 from pipeline import bow, decision
 from pipeline import data as D
+from pipeline import quantization as Q
 from pipeline.blend import blend_frames
 from pipeline.config import Config
 from pipeline.ensemble import leaves_of
 from pipeline.errors import PipelineError
+from pipeline.inference import resolve_device
 from pipeline.io import folder_atomic, read_json, write_json_atomic
 from pipeline.kaggle import manifest as M
 from pipeline.kaggle import metadata as K
@@ -137,6 +139,10 @@ def check_rebuildable(m: Member) -> None:
     if problem:
         raise PipelineError(f"package: {backbone} cannot rebuild the model offline ({problem}); retrain the "
                             f"experiment with this pipeline")
+    try:
+        Q.check(m.cfg, resolve_device("auto"), predicting=True)  # a quantized backbone loads on CUDA only
+    except PipelineError as err:
+        raise PipelineError(f"package: member '{m.name}' cannot be checked here: {err}") from None
     for path in checkpoints(m.cfg, m.run_dir):
         try:
             model_from_saved(m.cfg.model, backbone, len(m.columns), torch.load(path, map_location="cpu",
@@ -144,6 +150,14 @@ def check_rebuildable(m: Member) -> None:
         except Exception as err:  # any failure here is one Kaggle would hit after the upload
             raise PipelineError(f"package: {path} does not load into the model its config describes ({err})") \
                 from None
+
+
+def optional_dependencies(members: list[Member]) -> tuple[str, ...]:
+    """The optional packages the kernel needs for these members: peft for LoRA adapters, bitsandbytes for a
+    quantized backbone (shipped as wheels unless the image has them, like every other dependency)."""
+    cfgs = [m.cfg.model for m in members if m.cfg.model.kind == "transformer"]
+    return tuple(name for name, used in (("peft", any(c.lora_r for c in cfgs)),
+                                         ("bitsandbytes", any(c.load_in for c in cfgs))) if used)
 
 
 def store_weights(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
@@ -262,7 +276,7 @@ def run(experiment: str, out: Path = Path("build/kaggle"), dataset: str | None =
             "weights": stored})
 
         wheels = tmp / "wheels"
-        kit.dependencies = W.build(wheels, image_spec)
+        kit.dependencies = W.build(wheels, image_spec, optional_dependencies(members))
         project_wheel = next(p.name for p in wheels.glob(f"{W.PROJECT}-*.whl"))
         write_json_atomic(wheels / "dataset-metadata.json", wheels_meta)
         write_json_atomic(wheels / "WHEELS.json", {

@@ -1,7 +1,8 @@
 """The wheelhouse: the project's own wheel and a wheel for each dependency Kaggle's image lacks.
 
 Which dependencies those are comes from the project's installed metadata, followed through their own
-requirements, minus what the image file (image.yaml, overridable) lists. Each is pinned to the version
+requirements, minus what the image file (image.yaml, overridable) lists; optional ones (peft for LoRA members,
+bitsandbytes for quantized ones) join when the kit's members need them. Each is pinned to the version
 installed here, the one the kit was tested with, and fetched for Kaggle's Python and platform, not this
 machine's: `pip download --platform ... --python-version ... --only-binary=:all:`. A dependency published only
 as a source archive is built here, and kept only when the wheel is pure Python (it then runs anywhere).
@@ -56,8 +57,9 @@ def _marker_env(python: str) -> dict:
             "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 
 
-def needed(image: dict, project: str = PROJECT) -> dict[str, str]:
-    """{distribution: installed version} for every dependency of `project` the image does not provide."""
+def needed(image: dict, project: str = PROJECT, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """{distribution: installed version} for every dependency of `project`, and of the optional distributions in
+    `extra` (and for those themselves), that the image does not provide."""
     from packaging.requirements import Requirement
 
     env = _marker_env(image["python"])
@@ -70,7 +72,7 @@ def needed(image: dict, project: str = PROJECT) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             raise PipelineError(f"'{name}' is a dependency of {project} but is not installed here; "
                                 f"install the project (make setup) before packaging") from None
-        for text in requires:
+        for text in requires + (list(extra) if name == project else []):
             req = Requirement(text)
             dep = canonical(req.name)
             if req.marker and not req.marker.evaluate(env):
@@ -111,11 +113,11 @@ def _pip(args: list[str], what: str) -> None:
         raise PipelineError(f"{what} failed:\n{(result.stdout + result.stderr).strip()[-2000:]}")
 
 
-def build(out: Path, image: dict) -> dict:
+def build(out: Path, image: dict, extra: tuple[str, ...] = ()) -> dict:
     """Fill `out` with the wheels and requirements.txt (pins of the dependencies); returns what went in."""
     out.mkdir(parents=True, exist_ok=True)
     project_wheel(out)
-    deps = needed(image)
+    deps = needed(image, extra=extra)
     for name, version in deps.items():
         pin = f"{name}=={version}"
         try:

@@ -1,8 +1,8 @@
 """The training techniques of the 2022-25 Kaggle NLP winners, each one module and one config key.
 
 AWP and FGM (adversarial.py) perturb and rerun after the backward pass; EMA and SWA (averaging.py) keep
-averaged weights that evaluations and the checkpoint use; freezing (freeze.py) is applied when the model is
-built. Each enters `train_fold` only through the points of `Technique` (base.py).
+averaged weights that evaluations and the checkpoint use; freezing (freeze.py) and LoRA adapters (lora.py) are
+applied when the model is built. Each enters `train_fold` only through the points of `Technique` (base.py).
 """
 
 from __future__ import annotations
