@@ -137,8 +137,8 @@ def test_the_true_stage_restarts_the_schedule_and_trains_as_a_fold_started_from_
 
     new_model = T.new_model
 
-    def from_the_pseudo_stage(prep, train_pos, main):
-        model = new_model(prep, train_pos, main)
+    def from_the_pseudo_stage(prep, train_pos, main, *args):
+        model = new_model(prep, train_pos, main, *args)
         model.load_state_dict(boundary[1])
         return model
 
