@@ -57,7 +57,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     if negative and classification:
         raise PipelineError("ensemble: --negative weights would make class probabilities negative; it is for "
                             "regression")
-    leaves = {e: leaves_of(d) for e, d in zip(experiments, dirs)}
+    leaves = {e: leaves_of(d, e) for e, d in zip(experiments, dirs)}
     id_col = first.data.id_column
     oofs = [read_predictions(d, "oof.csv", f"pipeline oof {d.name}", id_col) for d in dirs]
     columns = [c for c in oofs[0].columns if c not in (id_col, "fold")]
@@ -113,11 +113,15 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     return result
 
 
-def leaves_of(run_dir: Path) -> dict[str, float]:
-    """A member as a weighted sum of trained experiments: itself, or a weighted blend's flattened weights."""
+def leaves_of(run_dir: Path, name: str | None = None) -> dict[str, float]:
+    """A member as a weighted sum of trained experiments: itself, or a weighted blend's flattened weights.
+
+    Names are the members' paths under the output directory as the blend was given them (`report/commonlit_ema`
+    stays that, so the kit finds that run and not an `commonlit_ema` beside the blend); `name`: this member's.
+    """
     path = Path(run_dir) / "ensemble.json"
     if not path.exists():
-        return {Path(run_dir).name: 1.0}
+        return {name or Path(run_dir).name: 1.0}
     saved = read_json(path)
     if saved.get("blend", {"kind": "linear"})["kind"] != "linear":
         raise PipelineError(f"ensemble: '{Path(run_dir).name}' is a stacked blend, which is no weighted sum of "
@@ -130,12 +134,12 @@ def leaves_of(run_dir: Path) -> dict[str, float]:
     return flat
 
 
-def fold_leaves(run_dir: Path, fold: int) -> dict[str, float]:
-    """A member as the weighted sum of trained experiments that fold `fold` may learn from: a blend's weights fit
-    without that fold's labels (`fold_weights`), flattened through blends of blends."""
-    path = Path(run_dir) / "ensemble.json"
+def fold_leaves(output_dir: Path, name: str, fold: int) -> dict[str, float]:
+    """Member `name` (a path under `output_dir`) as the weighted sum of trained experiments that fold `fold` may learn
+    from: a blend's weights fit without that fold's labels (`fold_weights`), flattened through blends of blends."""
+    path = Path(output_dir) / name / "ensemble.json"
     if not path.exists():
-        return {Path(run_dir).name: 1.0}
+        return {name: 1.0}
     saved = read_json(path)
     if "fold_weights" not in saved:
         raise PipelineError(f"{path}: this blend has no weights fit without each fold (a stacked blend, or one written "
@@ -143,7 +147,7 @@ def fold_leaves(run_dir: Path, fold: int) -> dict[str, float]:
                             f"nnls, hill or mean")
     flat: dict[str, float] = {}
     for member, w in saved["fold_weights"][str(fold)].items():
-        for leaf, v in fold_leaves(Path(run_dir).parent / member, fold).items():
+        for leaf, v in fold_leaves(output_dir, member, fold).items():
             flat[leaf] = flat.get(leaf, 0.0) + w * v
     return flat
 

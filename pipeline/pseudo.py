@@ -93,11 +93,11 @@ def teacher_predictions(teacher: Config, frame: pd.DataFrame, columns: list[str]
     if not is_blend(teacher.run_dir):
         check_complete(teacher, teacher.run_dir)
         return list(fold_predictions(teacher, teacher.run_dir, frame, columns))
-    weights = [fold_leaves(teacher.run_dir, k) for k in range(teacher.data.n_folds)]
+    weights = [fold_leaves(teacher.output_dir, teacher.experiment, k) for k in range(teacher.data.n_folds)]
     total = [np.zeros((len(frame), len(columns))) for _ in weights]
     for leaf in sorted({leaf for w in weights for leaf in w}):
-        member = load_run_config(teacher.run_dir.parent / leaf)
-        member.output_dir, member.experiment = str(teacher.run_dir.parent), leaf
+        member = load_run_config(Path(teacher.output_dir) / leaf)
+        member.output_dir, member.experiment = teacher.output_dir, leaf
         check_complete(member, member.run_dir)
         for k, preds in enumerate(fold_predictions(member, member.run_dir, frame, columns)):
             total[k] += weights[k].get(leaf, 0.0) * preds

@@ -5,6 +5,7 @@ what was fit."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -331,3 +332,22 @@ def test_nested_score_scores_each_fold_with_weights_fit_without_it(tmp_path):
     assert cv_json["cv_nested"] == result["cv_nested"]
     stacked = E.run(["m1", "m2", "m3"], "stack", str(tmp_path / "oof"), method="stack")
     assert stacked["cv_nested"] == stacked["cv"]  # a stack's OOF is nested by construction
+
+
+def test_a_member_in_a_subfolder_keeps_its_path_so_the_kit_finds_that_run(tmp_path):
+    """`pipeline ensemble commonlit report/commonlit_ema`: the leaf is `report/commonlit_ema`, never a same-named
+    run beside the blend (which the kit or a teacher would otherwise read in its place)."""
+    cfg = tiny_config(tmp_path, tmp_path / "unused")
+    y = truth(cfg)
+    rng = np.random.default_rng(5)
+    write_run(tmp_path, "b", y + rng.normal(0, 0.3, y.shape))
+    shutil.copytree(tmp_path / "oof" / "b", tmp_path / "oof" / "report" / "b")  # as a grid under oof/report leaves it
+    for name in ("a", "b"):  # oof/b: another run of the same name, outside report/
+        write_run(tmp_path, name, y + rng.normal(0, 0.3, y.shape))
+    out = str(tmp_path / "oof")
+    inner = E.run(["a", "report/b"], "inner", out, method="nnls")
+    assert inner["leaves"] == {"a": {"a": 1.0}, "report/b": {"report/b": 1.0}}
+    E.run(["inner", "a"], "outer", out, method="mean")
+    flat = E.leaves_of(tmp_path / "oof" / "outer")
+    assert set(flat) == {"a", "report/b"} and "b" not in flat
+    assert set(E.fold_leaves(tmp_path / "oof", "outer", 0)) == {"a", "report/b"}
