@@ -6,6 +6,7 @@ configuration), whose submission must equal `pipeline predict` + `pipeline submi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def test_kernel_offline_equals_predict_and_submit(tmp_path, tiny_backbone, work)
     # The environment held only the image's packages: neither the project nor the dependency the image lacks.
     python = work / "image-env" / "bin" / "python"
     for module in ("pipeline", "iterstrat", "torch"):
-        found = subprocess.run([str(python), "-c", f"import {module}"], cwd=tmp_path, capture_output=True)
+        found = subprocess.run([str(python), "-c", f"import {module}"], cwd=tmp_path, capture_output=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the image's own
         assert (found.returncode == 0) == (module == "torch"), module
 
 
