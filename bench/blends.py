@@ -24,36 +24,45 @@ METHODS = [("nnls", {}), ("hill", {}), ("hill_negative", {"method": "hill", "neg
            ("stack", {}), ("stack_lgbm", {"method": "stack", "stacker": "lgbm"}), ("mean", {})]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiments", nargs="+")
-    parser.add_argument("--output-dir", default="oof")
-    parser.add_argument("--out", type=Path, default=Path("reports/blends.md"))
-    args = parser.parse_args()
-    rows, members = [], None
+def blend_table(experiments: list[str], output_dir: str) -> tuple[list[str], dict[str, float], str]:
+    """Every method over the same members: the table's lines, the members' own CV and the metric."""
+    rows, result = [], {}
     for name, options in METHODS:
         options = {"method": name, **options}
         start = time.perf_counter()
-        result = E.run(args.experiments, f"blend_{name}", args.output_dir, **options)
+        result = E.run(experiments, f"blend_{name}", output_dir, **options)
         seconds = time.perf_counter() - start
-        members = result["members"]
-        weights = ", ".join(f"{m} {w:.3f}" for m, w in result["weights"].items()) if "weights" in result else \
-            f"{result['blend']['model']} second stage"
+        weights = ", ".join(f"{m} {w:.3f}" for m, w in result["weights"].items() if w) if "weights" in result \
+            else f"{result['blend']['model']} second stage"
         rows.append(f"| `--method {options['method']}`"
                     + (" `--negative`" if options.get("negative") else "")
                     + (f" `--stacker {options['stacker']}`" if options.get("stacker") else "")
                     + f" | {result['cv']:.4f} | {result['cv_nested']:.4f} | {weights} | {seconds:.1f} |")
         print(rows[-1], flush=True)
     metric = result["metric"]
+    header = [f"| method | OOF CV ({metric}) | nested | weights (members not listed: 0) | seconds |",
+              "| --- | ---: | ---: | --- | ---: |"]
+    return header + rows, result["members"], metric
+
+
+NESTED_NOTE = ("- OOF CV: nnls, hill and mean weights are fit on the OOF rows they are scored on (what `pipeline "
+               "submit` uses); nested: fold k blended by weights fit without fold k's rows, the honest estimate. The "
+               "stacks' OOF comes from nested folds (fold k's from a stacker fit without fold k's rows) in both "
+               "columns")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--output-dir", default="oof")
+    parser.add_argument("--out", type=Path, default=Path("reports/blends.md"))
+    args = parser.parse_args()
+    table, members, metric = blend_table(args.experiments, args.output_dir)
     lines = [f"# Blends of {', '.join(args.experiments)}", "",
              f"- command: `python bench/blends.py {' '.join(args.experiments)} --output-dir {args.output_dir} "
              f"--out {args.out}`",
              f"- metric: {metric}; members' OOF CV: " + ", ".join(f"{m} {v:.4f}" for m, v in members.items()),
-             "- OOF CV: nnls, hill and mean weights are fit on the OOF rows they are scored on (what `pipeline submit` "
-             "uses); nested: fold k blended by weights fit without fold k's rows, the honest estimate. The stacks' "
-             "OOF comes from nested folds (fold k's from a stacker fit without fold k's rows) in both columns", "",
-             f"| method | OOF CV ({metric}) | nested | weights | seconds |", "| --- | ---: | ---: | --- | ---: |",
-             *rows, ""]
+             NESTED_NOTE, "", *table, ""]
     write_text_atomic(args.out, "\n".join(lines))
     print(f"report: {args.out}")
 
