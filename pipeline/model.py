@@ -83,6 +83,18 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
     return best
 
 
+def input_side(backbone: nn.Module, layers: nn.ModuleList) -> list[nn.Parameter]:
+    """The parameters registered before the first layer: what reads the input, whatever a family names it (BERT's
+    `embeddings`, GPT-2's `wte` and `wpe`, Llama's `embed_tokens`)."""
+    first = next(layers[0].parameters())
+    below = []
+    for p in backbone.parameters():
+        if p is first:
+            return below
+        below.append(p)
+    raise PipelineError(f"the layers found in {type(backbone).__name__} are not among its parameters")
+
+
 def reinit_top_layers(backbone: PreTrainedModel, k: int) -> None:
     """Give the top k encoder layers the model's own initialization (Zhang et al., 2021)."""
     if k == 0:
@@ -282,7 +294,8 @@ def build_model(cfg: ModelConfig, outputs: int, precision: str = "fp32") -> tupl
     if cfg.mixout > 0:
         apply_mixout(model.backbone, cfg.mixout)
     if cfg.freeze_layers is not None:
-        freeze_bottom(model.backbone, encoder_layers(model.backbone), cfg.freeze_layers, cfg.reinit_layers)
+        layers = encoder_layers(model.backbone)
+        freeze_bottom(input_side(model.backbone, layers), layers, cfg.freeze_layers, cfg.reinit_layers)
     if cfg.lora_r:
         adapt(model, cfg)
     return model, config

@@ -44,6 +44,7 @@ from pipeline.model import (
     checkpoint_state,
     encoder_layers,
     fit_target_scaling,
+    input_side,
     load_checkpoint_state,
     load_tokenizer,
     resolve_backbone,
@@ -113,6 +114,7 @@ def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> t
     for i, layer in enumerate(layers):
         for p in layer.parameters():
             depth_of[p] = n - 1 - i  # top layer: 0
+    below = set(input_side(model.backbone, layers))
     head = set(model.head_parameters())
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
@@ -122,7 +124,7 @@ def build_optimizer(model: TextModel, cfg: Config, lr: float | None = None) -> t
             rate = t.head_lr * (base / t.lr) if t.head_lr else base  # (base / t.lr is exactly 1 at train.lr)
         elif p in depth_of:
             rate = base * t.llrd ** depth_of[p]
-        elif "embed" in name:
+        elif p in below or "embed" in name:  # DeBERTa's rel_embeddings sit above its layers
             rate = base * t.llrd ** n
         else:  # e.g. a final LayerNorm or pooler above the layers
             rate = base

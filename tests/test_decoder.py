@@ -205,6 +205,22 @@ def test_techniques_find_the_decoder_layers(tmp_path, tiny_decoder, family):
     assert torch.isfinite(loss) and model.backbone.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_gpt2_embeddings_are_below_the_layers_for_llrd_and_freezing(tmp_path, tiny_decoder):
+    """GPT-2 names its embeddings `wte` and `wpe`: LLRD gives both the bottom rate and freezing freezes both (the
+    learned positions as well as the tokens), while the final LayerNorm stays above the layers."""
+    backbone = tiny_decoder("gpt2")
+    cfg, model = decoder_model(tmp_path, backbone, "train.llrd=0.5", "train.lr=1e-3", *NO_DROPOUT)
+    lr_of = {p: g["lr"] for g in T.build_optimizer(model, cfg).param_groups for p in g["params"]}
+    gpt2 = model.backbone
+    assert lr_of[gpt2.wte.weight] == lr_of[gpt2.wpe.weight] == 2.5e-4  # two layers below the top rate
+    assert lr_of[gpt2.ln_f.weight] == 1e-3
+    _, model = decoder_model(tmp_path, backbone, "model.freeze_layers=1", *NO_DROPOUT)
+    gpt2 = model.backbone
+    assert not gpt2.wte.weight.requires_grad and not gpt2.wpe.weight.requires_grad
+    assert not any(p.requires_grad for p in gpt2.h[0].parameters())
+    assert all(p.requires_grad for p in [*gpt2.h[1].parameters(), *gpt2.ln_f.parameters()])
+
+
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients(tmp_path, tiny_decoder, family):
     """With attention dropout live and left padding; and the backbone keeps no key/value cache (nothing generates)."""

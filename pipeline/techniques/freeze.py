@@ -9,8 +9,9 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 
-def freeze_bottom(backbone: nn.Module, layers: nn.ModuleList, k: int, reinit_layers: int = 0) -> int:
-    """Freeze the backbone's embeddings and its bottom `k` layers; the number of parameters frozen."""
+def freeze_bottom(embeddings: list[nn.Parameter], layers: nn.ModuleList, k: int, reinit_layers: int = 0) -> int:
+    """Freeze the embeddings (`model.input_side`: every parameter below the layers, GPT-2's position embeddings
+    too) and the bottom `k` layers; the number of parameters frozen."""
     n = len(layers)
     if k >= n:
         raise PipelineError(f"config key 'model.freeze_layers': {k} would freeze all {n} encoder layers; "
@@ -18,11 +19,9 @@ def freeze_bottom(backbone: nn.Module, layers: nn.ModuleList, k: int, reinit_lay
     if k + reinit_layers > n:
         raise PipelineError(f"config keys 'model.freeze_layers' ({k}) and 'model.reinit_layers' ({reinit_layers}) "
                             f"overlap: a re-initialized layer would stay frozen at random weights ({n} layers)")
-    embeddings = getattr(backbone, "embeddings", None) or backbone.get_input_embeddings()
     frozen = 0
-    for module in [embeddings, *layers[:k]]:
-        for p in module.parameters():
-            if p.requires_grad:
-                p.requires_grad_(False)
-                frozen += p.numel()
+    for p in [*embeddings, *(p for layer in layers[:k] for p in layer.parameters())]:
+        if p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
     return frozen
