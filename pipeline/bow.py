@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import data as D
-from pipeline.config import Config, TfidfConfig, save_config
+from pipeline.config import Config, TfidfConfig
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, save_joblib_atomic, write_csv_atomic, write_json_atomic
 from pipeline.metrics import score
-from pipeline.runs import check_same_config
+from pipeline.runs import check_same_config, record_run
 
 MODEL_FILE = "model.joblib"  # a plain dict (fold_model): vectorizers, linear weights, the scikit-learn that saved it
 MAX_ITER = 1000  # LogisticRegression's lbfgs iterations; its default of 100 may stop before convergence
@@ -168,7 +168,7 @@ def train_fold(cfg: Config, df: pd.DataFrame, x: np.ndarray, y: np.ndarray, fold
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "valid_predictions.csv", MODEL_FILE):  # unfinished until metrics.json is back
         (out / stale).unlink(missing_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    record_run(cfg)
     reset_peak_memory(cpu)
     started = time.time()
 

@@ -155,6 +155,20 @@ class Encoded:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
+def check_vocabulary(encoded: list[Encoded], pad_id: int, size: int, backbone: str) -> None:
+    """Every token id the model will read, padding included, must index its embedding table of `size` rows.
+
+    A tokenizer with tokens added but a model never resized (or weights beside another model's tokenizer) would
+    otherwise stop training with torch's "index out of range in self".
+    """
+    top = max((max(ids) for enc in encoded for ids in enc.input_ids if ids), default=-1)
+    for what, value in (("gives token id", top), ("pads with token id", pad_id)):
+        if value >= size:
+            raise PipelineError(f"config key 'model.backbone': the tokenizer of {backbone} {what} {value}, but its "
+                                f"model has {size} token embeddings (ids 0..{size - 1}); the tokenizer and the weights "
+                                f"do not belong together (tokens added without resizing the embeddings?)")
+
+
 def tokenize(tokenizer, texts: list[list[str]], max_length: int):
     """One list per text column; two columns become a text pair, more are joined by the separator.
 

@@ -3,11 +3,16 @@ stack, mean), and apply the fitted blend to their test predictions.
 
 A member may itself be a weighted blend (the seeds of one config averaged, say): the blend records each member
 as a weighted sum of trained experiments (`leaves`), which is what the Kaggle kit predicts with. A stacked
-blend cannot be a member (it is not a weighted sum).
+blend cannot be a member (it is not a weighted sum). Member names are paths under the output directory the blend
+was built in, which ensemble.json records (`root`, relative to the blend's folder): read from another output
+directory (`report/blend` from oof/), they are rebased onto it (`rebase`).
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +62,7 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     if negative and classification:
         raise PipelineError("ensemble: --negative weights would make class probabilities negative; it is for "
                             "regression")
-    leaves = {e: leaves_of(d, e) for e, d in zip(experiments, dirs)}
+    leaves = {e: leaves_of(Path(output_dir), e) for e in experiments}
     id_col = first.data.id_column
     oofs = [read_predictions(d, "oof.csv", f"pipeline oof {d.name}", id_col) for d in dirs]
     columns = [c for c in oofs[0].columns if c not in (id_col, "fold")]
@@ -86,7 +91,8 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     # cv: the fitted blend on the OOF it was fit on (what submit uses); cv_nested: each fold blended by weights
     # fit without it, the honest estimate of a blend's gain over its best member
     result = {"metric": first.metric, "method": method, "members": members, "cv": score(first.metric, y, blend),
-              "cv_nested": score(first.metric, y, nested), "blend": spec, "leaves": leaves}
+              "cv_nested": score(first.metric, y, nested), "blend": spec, "leaves": leaves,
+              "root": Path(os.path.relpath(output_dir, out)).as_posix()}
     if spec["kind"] == "linear":
         result["weights"] = dict(zip(experiments, spec["weights"]))
         # fold k's weights fit without fold k's labels: a blend teaching fold k's student uses these (pseudo.py)
@@ -113,24 +119,34 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
     return result
 
 
-def leaves_of(run_dir: Path, name: str | None = None) -> dict[str, float]:
-    """A member as a weighted sum of trained experiments: itself, or a weighted blend's flattened weights.
+def rebase(name: str, saved: dict) -> Callable[[str], str]:
+    """A member name from blend `name`'s ensemble.json `saved` (a path under the output directory the blend was built
+    in) as a path under the output directory `name` is read from. Blends saved before `root` was: names as written."""
+    if "root" not in saved:
+        return lambda member: member
+    base = posixpath.join(Path(name).as_posix(), saved["root"])
+    return lambda member: posixpath.normpath(posixpath.join(base, member))
 
-    Names are the members' paths under the output directory as the blend was given them (`report/commonlit_ema`
-    stays that, so the kit finds that run and not an `commonlit_ema` beside the blend); `name`: this member's.
+
+def leaves_of(output_dir: Path, name: str) -> dict[str, float]:
+    """Member `name` (a path under `output_dir`) as a weighted sum of trained experiments, named by their paths under
+    `output_dir`: itself, or a weighted blend's flattened weights (as the blend saved them, `leaves`).
+
+    `report/commonlit_ema` stays that, so the kit finds that run and not a `commonlit_ema` beside the blend.
     """
-    path = Path(run_dir) / "ensemble.json"
+    path = Path(output_dir) / name / "ensemble.json"
     if not path.exists():
-        return {name or Path(run_dir).name: 1.0}
+        return {name: 1.0}
     saved = read_json(path)
     if saved.get("blend", {"kind": "linear"})["kind"] != "linear":
-        raise PipelineError(f"ensemble: '{Path(run_dir).name}' is a stacked blend, which is no weighted sum of "
+        raise PipelineError(f"ensemble: '{name}' is a stacked blend, which is no weighted sum of "
                             f"experiments; blend its members instead")
     inner = saved.get("leaves") or {m: {m: 1.0} for m in saved["weights"]}  # blends written before nesting
+    at = rebase(name, saved)
     flat: dict[str, float] = {}
     for member, w in saved["weights"].items():
         for leaf, v in inner[member].items():
-            flat[leaf] = flat.get(leaf, 0.0) + w * v
+            flat[at(leaf)] = flat.get(at(leaf), 0.0) + w * v
     return flat
 
 
@@ -145,9 +161,10 @@ def fold_leaves(output_dir: Path, name: str, fold: int) -> dict[str, float]:
         raise PipelineError(f"{path}: this blend has no weights fit without each fold (a stacked blend, or one written "
                             f"before they were saved); a fold-safe teacher needs them: blend again with --method "
                             f"nnls, hill or mean")
+    at = rebase(name, saved)
     flat: dict[str, float] = {}
     for member, w in saved["fold_weights"][str(fold)].items():
-        for leaf, v in fold_leaves(output_dir, member, fold).items():
+        for leaf, v in fold_leaves(output_dir, at(member), fold).items():
             flat[leaf] = flat.get(leaf, 0.0) + w * v
     return flat
 

@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.folds import load_folds
 from pipeline.io import read_csv, read_json, write_csv_atomic, write_json_atomic
 from pipeline.metrics import best_constant, score
-from pipeline.runs import missing_folds
+from pipeline.runs import check_same_inputs, missing_folds
 
 
 def run(cfg: Config) -> dict:
@@ -21,6 +21,7 @@ def run(cfg: Config) -> dict:
     if missing:
         raise PipelineError(f"{cfg.run_dir}: fold(s) {', '.join(map(str, missing))} have not finished; "
                             f"train them first (pipeline train --fold K)")
+    check_same_inputs(cfg, cfg.run_dir)  # scored against the targets the folds learned
     df = D.load_train(cfg)
     fold = load_folds(cfg, df)
     id_col = cfg.data.id_column

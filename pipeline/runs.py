@@ -1,4 +1,5 @@
-"""Reading a finished run directory back: its saved config and its prediction files."""
+"""A run directory's records and reading them back: its saved config, the hashes of the files it learned from,
+and its prediction files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, PretrainConfig, config_from_dict
+from pipeline.config import Config, PretrainConfig, config_from_dict, save_config
 from pipeline.errors import PipelineError
-from pipeline.io import read_csv
+from pipeline.io import read_csv, read_json, sha256, write_json_atomic
 
 # `pipeline grid` names the run of configs/x.yaml at another seed than the config's own `x-seed<N>`.
 SEED_SUFFIX = re.compile(r"^(?P<base>.+)-seed(?P<seed>\d+)$")
@@ -67,8 +68,46 @@ def differing_keys(a: dict, b: dict, ignore: set[str] = frozenset()) -> list[tup
     return [(k, fa[k], fb[k]) for k in fa if k in fb and k not in ignore and fa[k] != fb[k]]
 
 
+INPUTS = "inputs.json"  # {config key: sha256 of the file it names}, beside config.yaml
+
+
+def input_hashes(cfg: Config) -> dict[str, str]:
+    """sha256 of each file the folds learn from, by the config key that names it: the training table, and
+    train.pseudo's CSV when set. Contents, not paths: the same files under another data.dir are the same run."""
+    files = {"data.train_file": cfg.data.train_path}
+    if cfg.train.pseudo:
+        files["train.pseudo"] = Path(cfg.train.pseudo)
+    return {key: sha256(path) for key, path in files.items() if Path(path).exists()}
+
+
+def record_run(cfg: Config) -> None:
+    """Write what a fold of this run computes from: config.yaml, and inputs.json (`input_hashes`)."""
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    write_json_atomic(cfg.run_dir / INPUTS, input_hashes(cfg))
+
+
+def check_same_inputs(cfg: Config, run_dir: Path) -> None:
+    """Refuse a run directory whose folds learned from other file contents than `cfg`'s files hold now.
+
+    An edited train.csv (a fixed label, dropped rows under the same ids) would otherwise give folds trained on
+    either version, and an out-of-fold score against targets some folds never saw. A run saved before inputs.json
+    existed is not checked.
+    """
+    path = Path(run_dir) / INPUTS
+    if not path.exists():
+        return
+    saved, now = read_json(path), input_hashes(cfg)
+    changed = [key for key in saved if key in now and saved[key] != now[key]]
+    if changed:
+        files = {"data.train_file": cfg.data.train_path, "train.pseudo": cfg.train.pseudo}
+        listed = ", ".join(f"{files[key]} ({key})" for key in changed)
+        raise PipelineError(f"{listed} changed since the folds in {run_dir} were trained ({path} holds the sha256 "
+                            f"they learned from). Use another experiment name, or delete {run_dir} to start it over.")
+
+
 def check_same_config(cfg: Config, run_dir: Path) -> None:
-    """Refuse to add folds to a run directory whose saved config computes something else.
+    """Refuse to add folds to a run directory whose saved config computes something else, or whose folds learned
+    from other file contents (`check_same_inputs`).
 
     Mixing folds trained with different settings would give a CV that belongs to neither. Keys absent from an
     older saved config are not compared.
@@ -85,6 +124,7 @@ def check_same_config(cfg: Config, run_dir: Path) -> None:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed)
         raise PipelineError(f"{path} was written by a run with other settings ({listed}). "
                             f"Use another experiment name, or delete {run_dir} to start it over.")
+    check_same_inputs(cfg, run_dir)
 
 
 def read_predictions(run_dir: Path, name: str, hint: str, id_column: str) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from pipeline import data as D
 from pipeline import pseudo as P
 from pipeline import quantization as Q
-from pipeline.config import Config, TrainConfig, save_config
+from pipeline.config import Config, TrainConfig
 from pipeline.decoder import record_pad_token
 from pipeline.distributed import eval_share, gather_list, gather_rows, make_accelerator, process_state, release, shard
 from pipeline.errors import PipelineError
@@ -50,7 +50,7 @@ from pipeline.model import (
     resolve_backbone,
 )
 from pipeline.regularization import active_dropout
-from pipeline.runs import check_same_config
+from pipeline.runs import check_same_config, record_run
 from pipeline.techniques import Techniques
 from pipeline.techniques import build as build_techniques
 from pipeline.techniques.lora import has_base_weights, require_peft, save_base_weights
@@ -299,13 +299,16 @@ def start_fold_dir(cfg: Config, out: Path, resume: bool) -> None:
     if not resume:  # starting over: until it finishes, this fold is unfinished, and no older state may resume it
         for stale in ("metrics.json", "valid_predictions.csv", "state.pt"):
             (out / stale).unlink(missing_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    record_run(cfg)
 
 
 def new_model(prep: Prepared, train_pos: np.ndarray, main: bool, precision: str = "fp32") -> TextModel:
     """The fold's model: pretrained backbone and new head, regression targets scaled on the fold's rows."""
     cfg = prep.cfg
     model, model_config = build_model(cfg.model, prep.outputs, precision=precision)
+    table = model.backbone.get_input_embeddings()
+    D.check_vocabulary([prep.enc, *([prep.pseudo.enc] if prep.pseudo else [])], prep.tokenizer.pad_token_id or 0,
+                       table.num_embeddings, cfg.model.backbone)
     if cfg.data.task == "regression":
         fit_target_scaling(model, cfg.model.target_scaling, prep.enc.targets[train_pos])
     if main:

@@ -21,6 +21,7 @@ from pipeline import submission as S
 from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
+from pipeline.kaggle import package
 from pipeline.metrics import score
 from pipeline.runs import load_run_config
 from tests.conftest import tiny_config
@@ -185,7 +186,7 @@ def test_seed_mean_and_a_blend_of_blends_flatten_to_trained_experiments(tmp_path
     assert list(mean["weights"].values()) == pytest.approx([1 / 3] * 3)
     top = E.run(["a_seeds", "b"], "top", out, method="hill")
     w = top["weights"]
-    leaves = E.leaves_of(tmp_path / "oof" / "top")
+    leaves = E.leaves_of(tmp_path / "oof", "top")
     assert leaves == pytest.approx({"a": w["a_seeds"] / 3, "a-seed7": w["a_seeds"] / 3,
                                     "a-seed43": w["a_seeds"] / 3, "b": w["b"]})
     test = pd.read_csv(tmp_path / "oof" / "top" / "test_predictions.csv")["target"].to_numpy()
@@ -348,6 +349,42 @@ def test_a_member_in_a_subfolder_keeps_its_path_so_the_kit_finds_that_run(tmp_pa
     inner = E.run(["a", "report/b"], "inner", out, method="nnls")
     assert inner["leaves"] == {"a": {"a": 1.0}, "report/b": {"report/b": 1.0}}
     E.run(["inner", "a"], "outer", out, method="mean")
-    flat = E.leaves_of(tmp_path / "oof" / "outer")
+    flat = E.leaves_of(tmp_path / "oof", "outer")
     assert set(flat) == {"a", "report/b"} and "b" not in flat
     assert set(E.fold_leaves(tmp_path / "oof", "outer", 0)) == {"a", "report/b"}
+
+
+def test_a_blend_built_in_a_subfolder_names_its_members_there_when_read_from_the_parent(tmp_path, monkeypatch):
+    """`pipeline ensemble a b --output-dir oof/report --name inner`, then `pipeline ensemble report/inner c` from
+    oof/: inner's members are report/a and report/b, never the same-named runs beside oof/ (the kit and a teacher
+    would read those in their place); the kit's member list and a teacher's fold weights agree."""
+    cfg = tiny_config(tmp_path, tmp_path / "unused")
+    y = truth(cfg)
+    rng = np.random.default_rng(6)
+    for name in ("a", "b"):  # as a grid under oof/report leaves them
+        write_run(tmp_path, name, y + rng.normal(0, 0.3, y.shape))
+        shutil.move(tmp_path / "oof" / name, tmp_path / "oof" / "report" / name)
+    for name in ("a", "b", "c"):  # oof/a, oof/b: other runs of the same names
+        write_run(tmp_path, name, y + rng.normal(0, 0.3, y.shape))
+    inner = E.run(["a", "b"], "inner", str(tmp_path / "oof" / "report"), method="mean")
+    assert inner["root"] == ".."
+    assert E.leaves_of(tmp_path / "oof" / "report", "inner") == pytest.approx({"a": 0.5, "b": 0.5})
+    outer = E.run(["report/inner", "c"], "outer", str(tmp_path / "oof"), method="mean")
+    assert outer["leaves"]["report/inner"] == pytest.approx({"report/a": 0.5, "report/b": 0.5})
+    assert E.leaves_of(tmp_path / "oof", "report/inner") == pytest.approx({"report/a": 0.5, "report/b": 0.5})
+    assert E.leaves_of(tmp_path / "oof", "outer") == pytest.approx({"report/a": 0.25, "report/b": 0.25, "c": 0.5})
+    assert E.fold_leaves(tmp_path / "oof", "outer", 1) == pytest.approx({"report/a": 0.25, "report/b": 0.25,
+                                                                          "c": 0.5})
+    named = E.run(["report/a", "c"], "deep/blend", str(tmp_path / "oof"), method="mean")  # a --name with a folder
+    assert named["root"] == "../.." and E.leaves_of(tmp_path / "oof", "deep/blend") == {"report/a": 0.5, "c": 0.5}
+
+    for run in ("a", "b", "report/a", "report/b"):  # what the kit reads of a member besides its config
+        oof = pd.read_csv(tmp_path / "oof" / run / "oof.csv")
+        (tmp_path / "oof" / run / "fold0").mkdir()
+        oof[oof["fold"] == 0].drop(columns="fold").to_csv(tmp_path / "oof" / run / "fold0" / "valid_predictions.csv")
+    monkeypatch.setattr(package, "check_complete", lambda cfg, run_dir: None)
+    E.run(["a", "b"], "stacked", str(tmp_path / "oof" / "report"), method="stack")
+    for blend in ("report/inner", "report/stacked"):
+        members, _ = package.members_of(blend, tmp_path / "oof")
+        assert [(m.name, m.run_dir) for m in members] == [(f"report/{n}", tmp_path / "oof" / "report" / n)
+                                                          for n in ("a", "b")]

@@ -241,13 +241,18 @@ def test_fold_k_labels_carry_nothing_of_fold_ks_validation_rows_where_an_average
 # ---------------------------------------------------------------- refusals
 
 
-def test_a_pseudo_file_made_on_other_folds_or_without_a_fold_column_is_refused(tmp_path, tiny_backbone):
+def pseudo_labelled_test_file(tmp_path, tiny_backbone):
+    """A TF-IDF teacher's pseudo-labels of the tiny binary test file: (the teacher's config, the CSV's path)."""
     data = tmp_path / "data"
     tiny_config(tmp_path, tiny_backbone, task="binary")
     teacher = teacher_config(tmp_path, data, "binary", ("neg", "pos"))
     bow.run(teacher)
     pseudo_cli("teacher", "--texts", data / "test.csv", "--output-dir", tmp_path / "oof")
-    path = tmp_path / "oof" / "teacher" / "pseudo" / "test.csv"
+    return teacher, tmp_path / "oof" / "teacher" / "pseudo" / "test.csv"
+
+
+def test_a_pseudo_file_made_on_other_folds_or_without_a_fold_column_is_refused(tmp_path, tiny_backbone):
+    teacher, path = pseudo_labelled_test_file(tmp_path, tiny_backbone)
 
     def student(*extra):
         cfg = tiny_config(tmp_path, tiny_backbone, task="binary", extra=[*FP32, f"train.pseudo={path}", *extra])
@@ -275,6 +280,19 @@ def test_a_pseudo_file_made_on_other_folds_or_without_a_fold_column_is_refused(t
         tiny_config(tmp_path, tiny_backbone, extra=["train.pseudo_weight=0.5"])
     with pytest.raises(PipelineError, match=r"train.distill_temperature"):
         tiny_config(tmp_path, tiny_backbone, extra=[f"train.pseudo={path}", "train.distill_temperature=2"])
+
+
+def test_a_student_refuses_a_pseudo_file_rewritten_since_its_folds_learned_from_it(tmp_path, tiny_backbone):
+    """Same path, other labels (a retrained teacher): the student's folds would learn from either version."""
+    _, path = pseudo_labelled_test_file(tmp_path, tiny_backbone)
+    cfg = tiny_config(tmp_path, tiny_backbone, task="binary", extra=[*FP32, f"train.pseudo={path}"])
+    T.train_fold(T.prepare(cfg), 0, progress=False)
+    table = pd.read_csv(path)
+    table[["neg@fold1", "pos@fold1"]] = table[["pos@fold1", "neg@fold1"]].to_numpy()
+    table.to_csv(path, index=False)
+    changed = rf"{path} \(train.pseudo\) changed since the folds in {cfg.run_dir} were trained"
+    with pytest.raises(PipelineError, match=changed):
+        T.train_fold(T.prepare(cfg), 1, progress=False)
 
 
 # ---------------------------------------------------------------- what a fold trains on

@@ -28,13 +28,16 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer, BertConfig, BertModel
 from typer.testing import CliRunner
 
+from pipeline import data as D
 from pipeline.cli import app
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.folds import assign_folds
 from pipeline.inference import cpu_has_bf16
+from pipeline.model import EMBEDDED_BACKBONE, resolve_backbone
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +240,28 @@ def test_submission_columns_must_match_predictions(work):
     assert not (work / "sub.csv").exists()
 
 
+def test_a_tokenizer_beyond_its_models_embeddings_is_named(tmp_path):
+    """Weights saved beside another model's tokenizer (or tokens added without resizing): named, not IndexError."""
+    backbone = tmp_path / "mismatched"
+    BertModel(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(backbone)
+    AutoTokenizer.from_pretrained(resolve_backbone(EMBEDDED_BACKBONE)).save_pretrained(backbone)
+    config = write_yaml(tmp_path / "exp.yaml", tiny_config(tmp_path, backbone, extra=["data.n_folds=2"]).to_dict())
+    message = fail("train", config, "--fold", "0")
+    assert f"config key 'model.backbone': the tokenizer of {backbone} gives token id" in message, message
+    assert "but its model has 1000 token embeddings (ids 0..999)" in message, message
+    assert not (tmp_path / "oof" / "exp" / "fold0" / "metrics.json").exists()
+
+
+def test_a_padding_id_beyond_the_embeddings_is_named():
+    enc = D.Encoded([[1, 2, 3], [2]], None, None)
+    D.check_vocabulary([enc], 3, 4, "m")  # ids 0..3 all index the table
+    with pytest.raises(PipelineError, match=r"the tokenizer of m pads with token id 4, but its model has 4 token"):
+        D.check_vocabulary([enc], 4, 4, "m")
+    with pytest.raises(PipelineError, match=r"the tokenizer of m gives token id 3, but its model has 3 token"):
+        D.check_vocabulary([D.Encoded([[1]], None, None), enc], 0, 3, "m")
+
+
 # ---------------------------------------------------------------- bad config
 
 BAD_CONFIG = {  # case: (changed keys, substrings of the message)
@@ -329,6 +354,27 @@ def test_training_into_a_run_with_other_settings_is_refused(work, resume):
     message = fail_untouched(work, "train", work / "exp.yaml", "--fold", "1", *resume, *sets("train.lr=2e-3"))
     assert "oof/exp/config.yaml was written by a run with other settings (train.lr: 0.001 -> 0.002)" in message
     assert "Use another experiment name" in message, message
+
+
+@pytest.mark.parametrize("command", [["train", "--fold", "1"], ["train", "--resume"], ["oof"]])
+def test_a_run_refuses_a_training_file_edited_since_its_folds_learned_from_it(work, command):
+    """A fixed label under the same ids: folds from both versions, or a CV against targets no fold saw."""
+    _edit_train(_set("target", 4, 9.5))(work)
+    message = fail_untouched(work, command[0], work / "exp.yaml", *command[1:])
+    assert f"{work}/data/train.csv (data.train_file) changed since the folds in {work}/oof/exp were trained" in message
+    assert "inputs.json" in message and "Use another experiment name" in message, message
+    invoke("train", work / "exp.yaml", "--fold", "1", *sets("experiment=fixed"))  # a new experiment may
+
+
+def test_the_same_training_file_elsewhere_is_the_same_run(work, tmp_path):
+    """inputs.json records contents, not paths: data.dir may move (a clone, a Kaggle dataset mount)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(work / "data", moved)
+    invoke("train", work / "exp.yaml", "--resume", *sets(f"data.dir={moved}"))
+    invoke("oof", work / "exp.yaml", *sets(f"data.dir={moved}"))
+    (work / "oof" / "exp" / "inputs.json").unlink()  # a run saved before inputs.json: not checked
+    _edit_train(_set("target", 4, 9.5))(work)
+    invoke("oof", work / "exp.yaml")
 
 
 @pytest.mark.parametrize("other, expected", [("otherfolds", "'otherfolds' was trained on other folds than 'exp'"),

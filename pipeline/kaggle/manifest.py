@@ -6,23 +6,14 @@ upload that lost or changed a file fails with that file's name instead of scorin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.io import write_json_atomic
+from pipeline.io import sha256, write_json_atomic
 
 NAME = "MANIFEST.json"
 FORMAT = 1
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(folder: Path, skip: tuple[str, ...] = (NAME,)) -> dict[str, str]:

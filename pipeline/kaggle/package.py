@@ -23,7 +23,7 @@ from pipeline import data as D
 from pipeline import quantization as Q
 from pipeline.blend import blend_frames
 from pipeline.config import Config
-from pipeline.ensemble import leaves_of
+from pipeline.ensemble import leaves_of, rebase
 from pipeline.errors import PipelineError
 from pipeline.inference import resolve_device
 from pipeline.io import folder_atomic, read_json, write_json_atomic
@@ -96,12 +96,14 @@ def members_of(experiment: str, output_dir: Path) -> tuple[list[Member], dict | 
     if saved is None:
         weights = {experiment: 1.0}
     elif saved.get("blend", {}).get("kind") == "stack":
-        names = list(dict.fromkeys(leaf for m in saved["leaves"].values() for leaf in m))
-        stack = {"members": [[saved["leaves"][m].get(n, 0.0) for n in names] for m in saved["members"]],
+        at = rebase(experiment, saved)  # names under the blend's output directory, as paths under output_dir
+        leaves = {m: {at(leaf): v for leaf, v in saved["leaves"][m].items()} for m in saved["members"]}
+        names = list(dict.fromkeys(leaf for m in leaves.values() for leaf in m))
+        stack = {"members": [[leaves[m].get(n, 0.0) for n in names] for m in saved["members"]],
                  "spec": saved["blend"]}
         weights = dict.fromkeys(names)
     else:
-        weights = leaves_of(run_dir)
+        weights = leaves_of(output_dir, experiment)
     members = []
     for name, weight in weights.items():
         if weight is not None and weight == 0:
