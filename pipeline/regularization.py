@@ -115,24 +115,30 @@ def use_fast_dropout(module: nn.Module) -> int:
     return count
 
 
+# Where a module keeps a dropout probability that is not an nn.Dropout's `p`: DeBERTa's StableDropout (drop_prob), and
+# the attention of decoders and ModernBERT (Llama, Qwen, Mistral, Gemma), which hands a float to its attention kernel.
+RATE_ATTRIBUTES = ("drop_prob", "attention_dropout")
+
+
+def _rates(module: nn.Module):
+    """(name, module, attribute) of every dropout probability below `module`."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.modules.dropout._DropoutNd):
+            yield name, child, "p"
+        for attribute in RATE_ATTRIBUTES:
+            if isinstance(getattr(child, attribute, None), float):
+                yield name, child, attribute
+
+
 def set_dropout(module: nn.Module, p: float) -> int:
     """Set every dropout probability below `module`, whatever the layer class is called; returns the count."""
     count = 0
-    for child in module.modules():
-        if isinstance(child, nn.modules.dropout._DropoutNd):
-            child.p = p
-            count += 1
-        elif hasattr(child, "drop_prob") and isinstance(child.drop_prob, float):  # DeBERTa's StableDropout
-            child.drop_prob = p
-            count += 1
+    for _, child, attribute in _rates(module):
+        setattr(child, attribute, p)
+        count += 1
     return count
 
 
 def active_dropout(module: nn.Module) -> list[str]:
-    """Names of dropout layers that would drop something in training mode."""
-    found = []
-    for name, child in module.named_modules():
-        p = child.p if isinstance(child, nn.modules.dropout._DropoutNd) else getattr(child, "drop_prob", 0.0)
-        if isinstance(p, float) and p > 0:
-            found.append(name)
-    return found
+    """Names of modules that would drop something in training mode."""
+    return list(dict.fromkeys(name for name, child, attribute in _rates(module) if getattr(child, attribute) > 0))

@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.kaggle import kernel as KR
 from pipeline.kaggle import wheels as W
 from pipeline.model import build_model, encoder_layers, last_pool, load_tokenizer
+from pipeline.regularization import active_dropout, set_dropout
 from tests.conftest import DECODER_FAMILIES, make_dataset, tiny_config
 from tests.test_train import texts_of_many_lengths
 
@@ -171,6 +172,18 @@ def test_pipeline_attention_leaves_a_decoder_its_own(tmp_path, tiny_decoder):
     torch.testing.assert_close(gemma.train()(**inputs), eager.train()(**inputs), rtol=0, atol=1e-6)
     with pytest.raises(PipelineError, match="'model.attention': sdpa does not work with Gemma2Model"):
         decoder_model(tmp_path, tiny_decoder("gemma2"), "model.attention=sdpa")
+
+
+def test_a_decoders_attention_dropout_counts_as_dropout_and_model_dropout_0_stops_it(tmp_path, tiny_decoder):
+    """Llama's attention hands a float to its kernel, with no nn.Dropout anywhere in the model: R-Drop and MSD see
+    it as dropout (no "every dropout is 0" warning), and set_dropout sets it."""
+    _, model = decoder_model(tmp_path, tiny_decoder("llama"), "model.attention_dropout=0.3", "model.head_dropout=0")
+    assert active_dropout(model) == ["backbone.layers.0.self_attn", "backbone.layers.1.self_attn"]
+    enc, pad_id = encoded(tiny_decoder("llama"), texts_of_many_lengths(4))
+    inputs = D.collate(enc, [0, 1, 2, 3], pad_id).inputs
+    assert not torch.equal(model.train()(**inputs), model(**inputs))  # it drops
+    assert set_dropout(model, 0.0) == 2 + 1 and active_dropout(model) == []  # the attentions and the head's
+    torch.testing.assert_close(model.train()(**inputs), model(**inputs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
