@@ -73,7 +73,7 @@ def single_models(baseline: str, staged: list[str], output_dir: Path) -> list[st
         lines.append(f"| {row['experiment']} | {row['changes']} | {row['cv']:.4f} | "
                      + " | ".join(f"{run.fold_scores[k]:.4f}" for k in folds)
                      + (" | — | — | — |" if first else
-                        f" | {row['delta']:+.4f} | {row['wins']}/{row['pairs']} | {R._fmt(row['ttest_p'], 3)} |")
+                        f" | {row['delta']:+.4f} | {row['wins']}/{row['pairs']} | {R.fmt(row['ttest_p'], 3)} |")
                      + f" {sum(run.train_seconds):.0f} ({threads(run)}) |")
     pretrained = [line for name in staged for run in experiments[name].runs if (line := pretrain_line(run))]
     note = ("Train s: the folds' wall time as they ran, at the run's `train.num_threads`; runs that shared the CPU "

@@ -259,7 +259,8 @@ def model_line(cfg) -> str:
     return f"TF-IDF ({', '.join(grams)}) + {linear} (model.kind tfidf)"
 
 
-def _fmt(x: float, digits: int = 4) -> str:
+def fmt(x: float, digits: int = 4) -> str:
+    """A score or p-value for a table: fixed digits, and an en dash where there is none (NaN, None)."""
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -275,7 +276,7 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
     spread = base["cv_seed_std"] if not np.isnan(base["cv_seed_std"]) else None
     lines = []
     if spread is not None:
-        lines.append(f"- The baseline's CV moves by {_fmt(spread)} (std) between its {int(base['seeds'])} seeds"
+        lines.append(f"- The baseline's CV moves by {fmt(spread)} (std) between its {int(base['seeds'])} seeds"
                      + (" — a rough estimate from two" if int(base["seeds"]) == 2 else "")
                      + "; a technique's Δ smaller than that is within what a new seed alone can do.")
     pairs = int(table["pairs"].min()) if len(table) else 0
@@ -296,11 +297,11 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
         significant = not np.isnan(row["ttest_p"]) and row["ttest_p"] < 0.05 and consistent
         beyond = spread is not None and abs(row["delta"]) > spread
         evidence = (f"beat the baseline on {row['wins']}/{row['pairs']} paired folds, paired t p="
-                    f"{_fmt(row['ttest_p'], 3)}, Wilcoxon p={_fmt(row['wilcoxon_p'], 3)}"
+                    f"{fmt(row['ttest_p'], 3)}, Wilcoxon p={fmt(row['wilcoxon_p'], 3)}"
                     + (f"; |Δ| is {'above' if beyond else 'within'} the baseline's seed-to-seed spread "
-                       f"({_fmt(spread)})" if spread is not None else "; one seed, so seed-to-seed spread is unknown"))
+                       f"({fmt(spread)})" if spread is not None else "; one seed, so seed-to-seed spread is unknown"))
         strength = "a clear" if significant and (beyond or spread is None) else "no reliable"
-        lines.append(f"- **{row['experiment']}**: {verdict} by {_fmt(abs(row['delta']))} — {strength} "
+        lines.append(f"- **{row['experiment']}**: {verdict} by {fmt(abs(row['delta']))} — {strength} "
                      f"difference ({evidence}).")
     return lines
 
@@ -388,9 +389,9 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
     for _, r in table.iterrows():
         delta = "—" if r["experiment"] == baseline else f"{r['delta']:+.4f}"
         wins = "—" if r["experiment"] == baseline else f"{r['wins']}/{r['pairs']}"
-        lines.append(f"| {r['experiment']} | {r['changes']} | {r['seeds']} | {_fmt(r['cv'])} | "
-                     f"{_fmt(r['fold_mean'])} ± {_fmt(r['fold_std'])} | {delta} | {wins} | "
-                     f"{_fmt(r['wilcoxon_p'], 3)} | {_fmt(r['ttest_p'], 3)} | {r['failed']} | "
+        lines.append(f"| {r['experiment']} | {r['changes']} | {r['seeds']} | {fmt(r['cv'])} | "
+                     f"{fmt(r['fold_mean'])} ± {fmt(r['fold_std'])} | {delta} | {wins} | "
+                     f"{fmt(r['wilcoxon_p'], 3)} | {fmt(r['ttest_p'], 3)} | {r['failed']} | "
                      f"{r['fold_seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     incomplete = [m for e in experiments.values() for m in e.incomplete]
     lines += ["", "Δ: the experiment's CV minus the baseline's, over the seeds both ran. Wins and both p-values: "
