@@ -39,7 +39,7 @@ demo: setup ## Every stage on the generated demo data with the embedded MiniLM; 
 	@echo "scores: oof/demo/cv.json  submission: oof/demo/submission.csv"
 
 test: setup ## Unit and smoke tests on tiny models (a few minutes, no download)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup ## Slow tests: real MiniLM on ../shared/data/commonlit
 	$(BIN)/python -m pytest -q -m slow
