@@ -25,7 +25,7 @@ from pipeline.config import save_config
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_csv_atomic, write_json_atomic
 from pipeline.metrics import score
-from pipeline.runs import load_run_config, read_predictions, seed_runs
+from pipeline.runs import check_same_inputs, load_run_config, read_predictions, seed_runs
 
 
 def run(experiments: list[str], name: str, output_dir: str = "oof", method: str = "nnls", negative: bool = False,
@@ -51,6 +51,8 @@ def run(experiments: list[str], name: str, output_dir: str = "oof", method: str 
         raise PipelineError(f"ensemble: {out} holds a trained experiment, not a blend; choose another --name")
     dirs = [Path(output_dir) / e for e in experiments]
     cfgs = [load_run_config(d) for d in dirs]
+    for d, c in zip(dirs, cfgs):
+        check_same_inputs(c, d)  # the blend is fit on the targets its members learned
     first = cfgs[0]
     for e, c in zip(experiments, cfgs):
         if (c.data.train_path, c.data.target_columns, c.data.task) != \

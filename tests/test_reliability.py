@@ -364,6 +364,8 @@ def test_a_run_refuses_a_training_file_edited_since_its_folds_learned_from_it(wo
     assert f"{work}/data/train.csv (data.train_file) changed since the folds in {work}/oof/exp were trained" in message
     assert "inputs.json" in message and "Use another experiment name" in message, message
     invoke("train", work / "exp.yaml", "--fold", "1", *sets("experiment=fixed"))  # a new experiment may
+    message = fail_untouched(work, "ensemble", "exp", "seed7", "--name", "blend", "--output-dir", work / "oof")
+    assert f"{work}/data/train.csv (data.train_file) changed since the folds in {work}/oof/exp were trained" in message
 
 
 def test_the_same_training_file_elsewhere_is_the_same_run(work, tmp_path):
