@@ -396,7 +396,9 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
     incomplete = [m for e in experiments.values() for m in e.incomplete]
     lines += ["", "Δ: the experiment's CV minus the baseline's, over the seeds both ran. Wins and both p-values: "
               "paired (seed, fold) comparisons with the baseline. Failed runs: folds no better than the metric's "
-              "best constant prediction (for RMSE, the training mean). s / fold: training and evaluation time. "
+              "best constant prediction (for RMSE, the training mean). s / fold: wall-clock training and evaluation "
+              "time, which counts every other process sharing the machine and every pause: a cost only for grids "
+              "run alone (`make bench-cost` measures the cost per step). "
               "Peak MB: peak GPU memory allocated, or on CPU the process's resident peak during the fold, which "
               "includes what the CPU kernels (oneDNN) cache "
               "from earlier folds of the same grid process.", "",
