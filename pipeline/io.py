@@ -82,14 +82,18 @@ def save_joblib_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_csv(path: Path, id_column: str | None = None) -> pd.DataFrame:
-    """A CSV whose id column stays text as written: `0007` is not the number 7, `NA` is not missing."""
-    if id_column is None:
+def read_csv(path: Path, id_column: str | None = None, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV whose id and text columns stay text as written: `0007` is not the number 7, and `NA`, `None` or `null`
+    are not missing. Only a truly empty cell is: a missing id (None), an empty text ("")."""
+    as_text = [c for c in dict.fromkeys([id_column, *text_columns]) if c is not None]
+    if not as_text:
         return pd.read_csv(path)
-    df = pd.read_csv(path, dtype={id_column: str})
-    if id_column in df.columns and df[id_column].isna().any():
-        raw = pd.read_csv(path, usecols=[id_column], dtype=str, keep_default_na=False)[id_column]
-        df[id_column] = raw.where(raw != "", None)  # only a truly empty cell is a missing id
+    df = pd.read_csv(path, dtype=dict.fromkeys(as_text, str))
+    reread = [c for c in as_text if c in df.columns and df[c].isna().any()]
+    if reread:
+        raw = pd.read_csv(path, usecols=reread, dtype=str, keep_default_na=False)
+        for c in reread:
+            df[c] = raw[c].where(raw[c] != "", None) if c == id_column else raw[c]
     return df
 
 

@@ -56,8 +56,9 @@ def write(teacher: Config, texts: Path, out: Path | None = None) -> Path:
     Default path: oof/<teacher>/pseudo/<texts stem>.csv. `texts` needs the teacher's id and text columns.
     """
     data = teacher.data
-    table = D.read_table(Path(texts), "texts", [data.id_column, *data.text_columns], data.id_column)
-    D.check_ids_and_texts(table, data, Path(texts))
+    table = D.read_table(Path(texts), "texts", [data.id_column, *data.text_columns], data.id_column,
+                         data.text_columns)
+    D.check_ids_and_texts(table, data, Path(texts), training=False)
     train = D.load_train(teacher)
     classes = None if data.task == "regression" else D.class_names(teacher, train[data.target_columns[0]])
     columns = D.prediction_columns(teacher, classes)
@@ -125,8 +126,9 @@ def load(cfg: Config, train: pd.DataFrame, fold: np.ndarray, classes: list[str] 
     path, data = Path(cfg.train.pseudo), cfg.data
     meta = check_meta(cfg, path, train, fold, classes)
     columns = [fold_column(c, k) for k in range(data.n_folds) for c in meta["columns"]]
-    table = D.read_table(path, "pseudo", [data.id_column, *data.text_columns, *columns], data.id_column)
-    D.check_ids_and_texts(table, data, path)
+    table = D.read_table(path, "pseudo", [data.id_column, *data.text_columns, *columns], data.id_column,
+                         data.text_columns)
+    D.check_ids_and_texts(table, data, path, training=False)
     targets = []
     for k in range(data.n_folds):
         values = table[[fold_column(c, k) for c in meta["columns"]]].apply(pd.to_numeric, errors="coerce")

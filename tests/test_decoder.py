@@ -119,6 +119,20 @@ def test_batches_are_padded_as_the_tokenizer_pads(tiny_decoder, side):
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_an_empty_text_is_one_token_and_predicts_like_any_row(tmp_path, tiny_decoder, side):
+    """Qwen2's tokenizer adds no special token: an empty test text would be a row of nothing to attend to or pool
+    (NaN from attention, a pooled position of -1). It becomes its eos token, alone and in a padded batch."""
+    backbone = tiny_decoder("qwen2", side)
+    enc, pad_id = encoded(backbone, ["", "red cat alpha beta"])
+    assert enc.input_ids[0] == [load_tokenizer(backbone).eos_token_id]
+    _, model = decoder_model(tmp_path, backbone, "model.pooling=last", *NO_DROPOUT)
+    together = model.eval()(**D.collate(enc, [0, 1], pad_id).inputs)
+    alone = model(**D.collate(enc, [0], pad_id).inputs)
+    assert torch.isfinite(together).all()
+    torch.testing.assert_close(together[:1], alone, rtol=0, atol=1e-5)
+
+
 def test_pseudo_labelled_rows_are_padded_like_the_true_rows(tiny_decoder):
     """A student's batches mix its true rows and a teacher's pseudo-labelled rows: all padded on the left here."""
     backbone = tiny_decoder("llama", "left")

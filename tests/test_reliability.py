@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from pipeline import data as D
 from pipeline.cli import app
-from pipeline.config import Config
+from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.folds import assign_folds
 from pipeline.inference import cpu_has_bf16
@@ -211,6 +211,35 @@ def test_bad_data_is_named(work, case):
     message = fail_untouched(work, "train", work / "exp.yaml")
     for part in expected:
         assert part.format(w=work) in message, message
+
+
+def test_texts_are_read_as_written_and_a_row_needs_text_in_one_column(work):
+    """`NA`, `None`, `null` are texts; a tweet without a keyword is a row; a row with no text at all is not."""
+    df = pd.read_csv(work / TRAIN)
+    df.loc[[1, 2, 3], "text"] = ["NA", "None", "null"]
+    df.insert(1, "keyword", np.where(np.arange(len(df)) % 3 == 0, "", "alpha"))
+    df.to_csv(work / TRAIN, index=False)
+    config = variant(work, {"data.text_columns": ["keyword", "text"]})
+    invoke("train", config, "--fold", "0", *sets("experiment=keyword"))
+    train = D.load_train(load_config(config))
+    assert train["text"].iloc[1:4].tolist() == ["NA", "None", "null"] and train["keyword"].iloc[0] == ""
+    df.loc[4, "text"], df.loc[4, "keyword"] = " ", ""
+    df.to_csv(work / TRAIN, index=False)
+    message = fail_untouched(work, "train", config, "--fold", "1", *sets("experiment=keyword"))
+    assert f"{work}/data/train.csv: 1 row(s) are empty in every text column (keyword, text), first at id 'r0004' " \
+           f"(line 6)" == message, message
+
+
+def test_a_test_row_without_text_is_predicted_and_named_in_a_warning(work):
+    """A hidden test set with an empty text must not stop the Kaggle kernel: the row is predicted, and named."""
+    test = pd.read_csv(work / "data" / "test.csv")
+    test.loc[2, "text"] = ""
+    test.to_csv(work / "data" / "test.csv", index=False)
+    stderr = invoke("predict", work / "exp.yaml")
+    assert f"{work}/data/test.csv: column 'text' has 1 empty text(s), first at id {test.loc[2, 'id']!r} (line 4): " \
+           "predicted from an empty text" in stderr, stderr
+    predicted = pd.read_csv(work / "oof" / "exp" / "test_predictions.csv")
+    assert predicted["id"].tolist() == test["id"].tolist() and np.isfinite(predicted["target"]).all()
 
 
 def test_unknown_class_label_is_named(work):
