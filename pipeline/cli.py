@@ -46,7 +46,7 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        warnings.showwarning = _show_warning
+        shown, warnings.showwarning = warnings.showwarning, _show_warning  # for this command only
         _quiet_transformers()
         try:
             return fn(*args, **kwargs)
@@ -54,6 +54,8 @@ def friendly(fn):
             # Escaped: a message quoting `[text]` (a list, a path) must not be read as Rich markup.
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            warnings.showwarning = shown
 
     return wrapper
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,19 @@ def test_texts_are_read_as_written_and_a_row_needs_text_in_one_column(work):
     message = fail_untouched(work, "train", config, "--fold", "1", *sets("experiment=keyword"))
     assert f"{work}/data/train.csv: 1 row(s) are empty in every text column (keyword, text), first at id 'r0004' " \
            f"(line 6)" == message, message
+
+
+def test_a_command_shows_its_warnings_as_one_line_and_leaves_the_process_as_it_was(work, monkeypatch):
+    """`warning: ...` on stderr while a command runs; the caller's own warning display afterwards (a notebook's)."""
+    def before(*args, **kwargs):
+        pass
+
+    monkeypatch.setattr(warnings, "showwarning", before)
+    test = pd.read_csv(work / "data" / "test.csv")
+    test.loc[0, "text"] = ""
+    test.to_csv(work / "data" / "test.csv", index=False)
+    assert "\nwarning: " in "\n" + invoke("predict", work / "exp.yaml")
+    assert warnings.showwarning is before
 
 
 def test_a_test_row_without_text_is_predicted_and_named_in_a_warning(work):
