@@ -23,15 +23,15 @@ from pipeline.io import read_csv
 
 
 def read_table(path: Path | None, role: str, required: list[str], id_column: str | None = None,
-               text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read a CSV (ids and `text_columns` as written), failing with the path and the columns found when one is
-    missing."""
+               text_columns: tuple[str, ...] = (), label_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a CSV (ids, `text_columns` and `label_columns` as written: see io.read_csv), failing with the path and
+    the columns found when one is missing."""
     if path is None:
         raise PipelineError(f"no {role} file is configured (data.{role}_file)")
     if not Path(path).is_file():
         raise PipelineError(f"{role} file not found: {path}")
     try:
-        df = read_csv(path, id_column, tuple(text_columns))
+        df = read_csv(path, id_column, tuple(text_columns), tuple(label_columns))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path}: cannot be read as CSV ({err})") from None
     missing = [c for c in required if c not in df.columns]
@@ -93,8 +93,9 @@ def load_train(cfg: Config) -> pd.DataFrame:
     """
     data = cfg.data
     path = data.train_path
+    labels = tuple(data.target_columns) if data.task != "regression" else ()  # a class may be called "None"
     df = read_table(path, "train", [data.id_column, *data.text_columns, *data.target_columns], data.id_column,
-                    data.text_columns)
+                    data.text_columns, labels)
     check_ids_and_texts(df, data, path)
     if data.task == "regression":
         for col in data.target_columns:

@@ -82,10 +82,11 @@ def save_joblib_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_csv(path: Path, id_column: str | None = None, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV whose id and text columns stay text as written: `0007` is not the number 7, and `NA`, `None` or `null`
-    are not missing. Only a truly empty cell is: a missing id (None), an empty text ("")."""
-    as_text = [c for c in dict.fromkeys([id_column, *text_columns]) if c is not None]
+def read_csv(path: Path, id_column: str | None = None, text_columns: tuple[str, ...] = (),
+             label_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV whose id, text and class-label columns stay text as written: `0007` is not the number 7, and `NA`,
+    `None` or `null` are not missing. Only a truly empty cell is: a missing id or label (None), an empty text ("")."""
+    as_text = [c for c in dict.fromkeys([id_column, *text_columns, *label_columns]) if c is not None]
     if not as_text:
         return pd.read_csv(path)
     df = pd.read_csv(path, dtype=dict.fromkeys(as_text, str))
@@ -93,7 +94,7 @@ def read_csv(path: Path, id_column: str | None = None, text_columns: tuple[str, 
     if reread:
         raw = pd.read_csv(path, usecols=reread, dtype=str, keep_default_na=False)
         for c in reread:
-            df[c] = raw[c].where(raw[c] != "", None) if c == id_column else raw[c]
+            df[c] = raw[c] if c in text_columns else raw[c].where(raw[c] != "", None)
     return df
 
 

@@ -256,6 +256,18 @@ def test_a_test_row_without_text_is_predicted_and_named_in_a_warning(work):
     assert predicted["id"].tolist() == test["id"].tolist() and np.isfinite(predicted["target"]).all()
 
 
+def test_a_class_named_none_is_a_class_and_an_empty_label_is_missing(work):
+    df = pd.read_csv(work / TRAIN)
+    df["label"] = np.where(df["target"] > df["target"].median(), "Some", "None")
+    df.to_csv(work / TRAIN, index=False)
+    config = variant(work, {"data.task": "binary", "data.target_columns": ["label"]})
+    assert D.class_names(load_config(config), D.load_train(load_config(config))["label"]) == ["None", "Some"]
+    df.loc[6, "label"] = ""
+    df.to_csv(work / TRAIN, index=False)
+    message = fail_untouched(work, "train", config)
+    assert message == f"{work}/data/train.csv: label column 'label' has 1 missing label(s)", message
+
+
 def test_unknown_class_label_is_named(work):
     df = pd.read_csv(work / TRAIN)
     df["label"] = np.where(df["target"] > df["target"].median(), "pos", "neg")
