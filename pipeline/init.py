@@ -17,7 +17,7 @@ import yaml
 from pipeline.config import METRICS, load_config
 from pipeline.data import sorted_labels
 from pipeline.errors import PipelineError
-from pipeline.io import read_csv, write_text_atomic
+from pipeline.io import write_text_atomic
 
 COVERAGE = 0.95  # max_length covers this share of the training rows' token counts
 MIN_TEXT_WORDS = 3  # a free-text column: at least this many words on average and mostly distinct values,
@@ -43,8 +43,8 @@ class Inferred:
 def _read(path: Path, role: str) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"init: {role} file not found: {path}")
-    try:
-        return read_csv(path)
+    try:  # only an empty cell is missing, as the pipeline reads texts and labels: `None` may be a class or a text
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path}: cannot be read as CSV ({err})") from None
 

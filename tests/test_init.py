@@ -237,3 +237,17 @@ def test_init_on_the_demo_data_reproduces_the_demo_config(tmp_path):
     shipped = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml").data
     inferred.dir = shipped.dir
     assert inferred == shipped
+
+
+def test_none_and_na_are_values_not_gaps(tmp_path):
+    """A class called None and a text that reads NA: what the pipeline reads as written, init reads so too."""
+    folder = authors(tmp_path / "none")
+    for name in ("train.csv", "sample_submission.csv"):
+        path = folder / name
+        path.write_text(path.read_text().replace("MWS", "None"))
+    train = pd.read_csv(folder / "train.csv", keep_default_na=False)
+    train.loc[0, "text"] = "NA"
+    train.to_csv(folder / "train.csv", index=False)
+    init(folder, tmp_path)
+    data = data_section(tmp_path, "none")["data"]
+    assert data["classes"] == ["None", "EAP", "HPL"] and data["text_columns"] == ["text"], data
