@@ -97,8 +97,9 @@ REPORT_SET ?= train.epochs=1 train.pad_to_multiple_of=1 model.target_scaling=non
 # for the configs in SEED_CONFIGS (the 2022-25 winners' techniques, measured at two seeds from the start).
 BASELINE_SEEDS ?= 43
 SEED_CONFIGS ?= $(foreach t,awp fgm ema swa freeze,configs/commonlit_$(t).yaml)
-REPORT_GRID = $(BIN)/pipeline grid --set output_dir=$(REPORT_DIR) $(ARGS) $(foreach s,$(REPORT_SET),--set $(s))
-report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, 5 folds at SEEDS, the baseline and SEED_CONFIGS also at BASELINE_SEEDS), then the report
+REPORT_GRID = $(BIN)/pipeline grid --set output_dir=$(REPORT_DIR) $(ARGS) $(foreach s,$(REPORT_SET),--set $(s)) \
+	$(if $(JOBS),--backend processes --max-parallel $(JOBS))
+report: setup ## Technique grid on CommonLit (every configs/commonlit_*.yaml, 5 folds at SEEDS, the baseline and SEED_CONFIGS also at BASELINE_SEEDS; JOBS=2: two folds at once), then the report
 	$(REPORT_GRID) $(REPORT_CONFIGS) $(foreach s,$(SEEDS),--seed $(s))
 	$(if $(BASELINE_SEEDS),$(REPORT_GRID) configs/commonlit_baseline.yaml $(filter $(REPORT_CONFIGS),$(SEED_CONFIGS)) $(foreach s,$(BASELINE_SEEDS),--seed $(s)))
 	$(BIN)/pipeline report 'commonlit_*' --baseline commonlit_baseline --output-dir $(REPORT_DIR) --out $(REPORT_OUT)

@@ -259,6 +259,7 @@ def report(experiments: Annotated[list[str], typer.Argument(help="Experiment nam
 class Backend(str, Enum):
     local = "local"
     ray = "ray"
+    processes = "processes"
 
 
 @app.command()
@@ -269,21 +270,25 @@ def grid(configs: Annotated[list[Path], typer.Argument(help="Experiment YAMLs.")
          set_: SetOpt = None,
          backend: Annotated[Backend, typer.Option(
              help="local: fold after fold in this process; ray: every fold its own process, side by side on the "
-                  "GPUs (or CPUs) of this machine or a Ray cluster.")] = Backend.local,
+                  "GPUs (or CPUs) of this machine or a Ray cluster; processes: every fold its own process, "
+                  "--max-parallel at once on this machine's CPU cores (no Ray).")] = Backend.local,
          gpus_per_job: Annotated[int | None, typer.Option(
              min=0, help="ray: GPUs per fold (default: 1 if there are GPUs; 0: on CPUs).")] = None,
          address: Annotated[str | None, typer.Option(
              help="ray: the cluster to join, e.g. auto (default: a Ray started on this machine).")] = None,
          max_parallel: Annotated[int | None, typer.Option(
-             min=1, help="ray: at most this many folds at once (default: as many as the resources allow).")] = None):
+             min=1, help="ray: at most this many folds at once (default: as many as the resources allow); "
+                         "processes: this many at once (default 2).")] = None):
     """Train every config over every seed (resuming, skipping complete runs), then gather each OOF."""
-    if backend is Backend.ray:
+    if backend is Backend.processes and (gpus_per_job, address) != (None, None):
+        raise PipelineError("--gpus-per-job and --address are options of --backend ray")
+    if backend in (Backend.ray, Backend.processes):
         from pipeline import grid_ray
 
-        grid_ray.run(configs, seed, set_ or [], gpus_per_job, address, max_parallel)
+        grid_ray.run(configs, seed, set_ or [], gpus_per_job, address, max_parallel, backend.value)
         return
     if (gpus_per_job, address, max_parallel) != (None, None, None):
-        raise PipelineError("--gpus-per-job, --address and --max-parallel are options of --backend ray")
+        raise PipelineError("--gpus-per-job, --address and --max-parallel are options of --backend ray or processes")
     from pipeline import grid as G
 
     G.run(configs, seed, set_ or [])

@@ -1,5 +1,6 @@
-"""`pipeline grid --backend ray`: every unfinished fold of every (config, seed) run trained side by side, one
-`pipeline train --fold K --resume` process per fold inside a Ray task that holds the fold's GPUs.
+"""`pipeline grid --backend ray` (or `processes`): every unfinished fold of every (config, seed) run trained side by
+side, one `pipeline train --fold K --resume` process per fold, inside a Ray task that holds the fold's GPUs, or
+(`processes`, no Ray) a pool of processes on this machine that share its CPU cores.
 
 A process, not a model inside the Ray worker: Ray pins a task to its GPUs through CUDA_VISIBLE_DEVICES, which must
 be set before torch starts, and a fold that crashes (out of memory, a bad value) takes only itself down. What is
@@ -13,7 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -102,14 +104,15 @@ def connect(ray, address: str | None) -> bool:
 
 
 def run(configs: list[Path], seeds: list[int] | None, overrides: list[str], gpus_per_job: int | None = None,
-        address: str | None = None, max_parallel: int | None = None) -> list[str]:
-    """Train every unfinished fold as a Ray task, then gather each run whose folds all finished.
+        address: str | None = None, max_parallel: int | None = None, backend: str = "ray") -> list[str]:
+    """Train every unfinished fold as a Ray task (`backend` "processes": a process of a local pool), then gather
+    each run whose folds all finished.
 
     A failed job does not stop the others; the failures are raised together at the end, after the gathering.
     `gpus_per_job` None: 1 if the Ray cluster has GPUs, else 0 (CPU jobs, with the GPUs hidden from them).
-    Returns the run names, in order.
+    `max_parallel` for processes: None is 2. Returns the run names, in order.
     """
-    ray = import_ray()
+    ray = import_ray() if backend == "ray" else None
     runs = plan(configs, seeds, overrides)
     jobs, to_gather = [], []
     for name, (cfg, path, extra) in runs.items():
@@ -120,12 +123,19 @@ def run(configs: list[Path], seeds: list[int] | None, overrides: list[str], gpus
         to_gather.append(name)
         jobs += [Job(path, extra, name, k) for k in missing]
     failed = []
-    if jobs:
+
+    def make_all_folds():  # once, here, rather than by every job of a run at the same moment
+        for name in dict.fromkeys(job.experiment for job in jobs):
+            make_folds(runs[name][0])
+
+    if jobs and ray is None:
+        make_all_folds()
+        failed = schedule_processes(jobs, max_parallel or 2)
+    elif jobs:
         started = connect(ray, address)
         try:
-            gpus = gpus_for_jobs(ray, gpus_per_job)
-            for name in dict.fromkeys(job.experiment for job in jobs):
-                make_folds(runs[name][0])  # once, here, rather than by every job of the run at the same moment
+            gpus = gpus_for_jobs(ray, gpus_per_job)  # refused before anything is written
+            make_all_folds()
             failed = schedule(ray, jobs, gpus, max_parallel)
         finally:
             if started:
@@ -170,11 +180,38 @@ def schedule(ray, jobs: list[Job], gpus: int, max_parallel: int | None) -> list[
             result = ray.get(ready)
         except ray.exceptions.RayError as err:  # the task itself died (worker killed, node lost)
             result = {"exit": "none: its Ray task died", "seconds": 0.0, "stderr": str(err)}
-        if result["exit"] == 0:
-            console.print(f"{job.name}: done in {result['seconds']:.0f}s")
-        else:
-            failed.append((job, result))
-            tail = "\n".join("    " + line for line in result["stderr"].splitlines()[-STDERR_LINES:])
-            console.print(f"{escape(job.name)}: failed (exit {result['exit']}) after {result['seconds']:.0f}s:\n"
-                          f"{escape(tail)}", soft_wrap=True, highlight=False)
+        outcome(job, result, failed)
     return failed
+
+
+def schedule_processes(jobs: list[Job], parallel: int) -> list[tuple[Job, dict]]:
+    """`--backend processes`: the jobs as processes of this machine, `parallel` at once, each on its share of the
+    CPU cores (train.num_threads, unless the overrides set it), printing each one's outcome as it ends. Returns the
+    failed jobs with their results."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    console.print(f"{len(jobs)} job(s), {parallel} at once, {threads} CPU thread(s) each")
+    cwd, failed = os.getcwd(), []
+    with ThreadPoolExecutor(parallel) as pool:
+        running = {pool.submit(run_job, train_command(with_threads(job, threads), 0), cwd, False): job
+                   for job in jobs}
+        for done in as_completed(running):
+            outcome(running[done], done.result(), failed)
+    return failed
+
+
+def with_threads(job: Job, threads: int) -> Job:
+    """The job with train.num_threads set, where its overrides leave it to the config (a WHERE key: same run)."""
+    if any(o.startswith("train.num_threads=") for o in job.overrides):
+        return job
+    return replace(job, overrides=(*job.overrides, f"train.num_threads={threads}"))
+
+
+def outcome(job: Job, result: dict, failed: list) -> None:
+    """Print how the job ended; a failure, with the last lines of its stderr, joins `failed`."""
+    if result["exit"] == 0:
+        console.print(f"{job.name}: done in {result['seconds']:.0f}s")
+        return
+    failed.append((job, result))
+    tail = "\n".join("    " + line for line in result["stderr"].splitlines()[-STDERR_LINES:])
+    console.print(f"{escape(job.name)}: failed (exit {result['exit']}) after {result['seconds']:.0f}s:\n"
+                  f"{escape(tail)}", soft_wrap=True, highlight=False)

@@ -9,6 +9,7 @@ real one would; one trains the tiny BERT for real.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,16 @@ class FakeTrain:
 @pytest.fixture
 def fake_train(tmp_path, tiny_backbone, monkeypatch, ray_session) -> FakeTrain:
     """exp.yaml over 2 folds, its jobs run by the stand-in."""
+    return stand_in(tmp_path, tiny_backbone, monkeypatch)
+
+
+@pytest.fixture
+def fake_processes(tmp_path, tiny_backbone, monkeypatch) -> FakeTrain:
+    """The same for `--backend processes`, which needs no Ray."""
+    return stand_in(tmp_path, tiny_backbone, monkeypatch)
+
+
+def stand_in(tmp_path, tiny_backbone, monkeypatch) -> FakeTrain:
     build(tmp_path, tiny_backbone, ["train.precision=fp32", "train.device=cpu"])
     script, fake = tmp_path / "fake_train.py", FakeTrain(tmp_path / "records")
     script.write_text(FAKE_TRAIN)
@@ -182,6 +193,40 @@ def test_a_job_on_several_gpus_is_launched_by_accelerate_one_process_per_gpu(tmp
     line = " ".join(grid_ray.train_command(job, 2))
     assert "accelerate launch --multi_gpu --num_processes 2 " in line and line.endswith(train), line
     assert " ".join(grid_ray.train_command(job, 1)) == f"{sys.executable} {train}"
+
+
+def test_processes_run_two_folds_at_once_on_half_the_cores_each_and_a_rerun_runs_nothing(tmp_path, fake_processes):
+    """`--backend processes`: Ray's scheduling without Ray, for one machine's CPUs (a 2-core CPU grid runs two
+    one-thread folds side by side); a failed fold is reported by name while the others finish."""
+    fake_processes.failing = "exp-seed7 fold 1"
+    grid = ("grid", tmp_path / "exp.yaml", "--seed", "42", "--seed", "7", "--backend", "processes")
+    result = runner.invoke(app, list(map(str, grid)))
+    assert result.exit_code == 1 and "error: 1 of 4 job(s) failed: exp-seed7 fold 1 (exit 1)" in result.output
+    assert "4 job(s), 2 at once" in result.output and "exp fold 0: done in" in result.output, result.output
+    jobs = fake_processes.records()
+    assert len(jobs) == 4 and most_at_once(jobs) == 2, jobs
+    saved = yaml.safe_load((tmp_path / "oof" / "exp" / "config.yaml").read_text())["train"]
+    assert saved["num_threads"] == max(1, os.cpu_count() // 2) and saved["seed"] == 42
+    assert (tmp_path / "oof" / "exp" / "oof.csv").exists() and not (tmp_path / "oof" / "exp-seed7" / "oof.csv").exists()
+
+    fake_processes.failing = ""
+    result = runner.invoke(app, [*map(str, grid), "--max-parallel", "3", *sets("train.num_threads=1")])
+    assert result.exit_code == 0 and "1 job(s), 3 at once" in result.output, result.output  # only the failed fold
+    assert yaml.safe_load((tmp_path / "oof" / "exp-seed7" / "config.yaml").read_text())["train"]["num_threads"] == 1
+    assert "exp: complete, skipped" in result.output and (tmp_path / "oof" / "exp-seed7" / "oof.csv").exists()
+    message = fail(*grid, "--gpus-per-job", "1")
+    assert "--gpus-per-job and --address are options of --backend ray" in message, message
+
+
+def test_processes_backend_trains_the_same_folds_as_the_local_one(tmp_path, tiny_backbone):
+    extra = ["train.precision=fp32", "train.device=cpu", "train.num_threads=1"]
+    local, pool = (build(tmp_path / name, tiny_backbone, extra) for name in ("local", "pool"))
+    invoke("grid", local, "--seed", "7", "--backend", "local")
+    invoke("grid", pool, "--seed", "7", "--backend", "processes")
+    runs = {name: tmp_path / name / "oof" / "exp-seed7" for name in ("local", "pool")}
+    oof = {n: pd.read_csv(runs[n] / "oof.csv") for n in runs}
+    assert (oof["pool"][["id", "fold"]] == oof["local"][["id", "fold"]]).all().all()
+    np.testing.assert_allclose(oof["pool"]["target"], oof["local"]["target"], rtol=0, atol=1e-6)
 
 
 def test_gpus_beyond_the_cluster_are_refused_before_anything_is_written(tmp_path, tiny_backbone, ray_session):
