@@ -77,6 +77,8 @@ def predict_rows(saved: dict, x: np.ndarray, task: str, outputs: int) -> np.ndar
     """
     from scipy.special import expit, softmax
 
+    if not len(x):  # a table with no rows: scikit-learn's transformers refuse one
+        return np.zeros((0, outputs))
     z = np.asarray(saved["features"].transform(x) @ saved["coef"].T) + saved["intercept"]
     if task == "regression":
         return z.reshape(len(x), outputs)

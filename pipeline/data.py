@@ -189,6 +189,8 @@ def tokenize(tokenizer, texts: list[list[str]], max_length: int):
 
     The one place the model's input is made from text columns: training, prediction and `pretrain` all read it.
     """
+    if not len(texts[0]):  # a table with no rows (a code competition's public test file may have none)
+        return {"input_ids": []}
     if len(texts) == 2:
         return tokenizer(texts[0], texts[1], truncation="longest_first", max_length=max_length)
     sep = f" {tokenizer.sep_token} " if tokenizer.sep_token else " "

@@ -193,6 +193,7 @@ def test_predictions_come_from_the_saved_fold_models(tmp_path, task):
         saved = bow.load_fold_model(cfg.run_dir / f"fold{k}" / bow.MODEL_FILE)
         np.testing.assert_allclose(valid[columns], bow.predict_rows(saved, rows["text"].to_numpy(), task, len(columns)),
                                    rtol=1e-12, atol=1e-12)
+        assert bow.predict_rows(saved, rows["text"].to_numpy()[:0], task, len(columns)).shape == (0, len(columns))
         saved_test.append(sklearn_own(refit, test_df["text"].to_numpy()))
     written = pd.read_csv(cfg.run_dir / "test_predictions.csv", dtype={"id": str})
     assert written["id"].tolist() == test_df["id"].tolist()

@@ -335,3 +335,10 @@ def test_whole_chain_on_a_decoder_blended_with_an_encoder(tmp_path, tiny_decoder
     got, want = pd.read_csv(kernel_csv), pd.read_csv(tmp_path / "submission.csv")
     assert got.columns.tolist() == want.columns.tolist() and got["id"].tolist() == want["id"].tolist()
     np.testing.assert_allclose(got.drop(columns="id"), want.drop(columns="id"), rtol=0, atol=1e-6)
+
+    # A test file with no rows (a code competition's public one may have none): a header-only submission, not a crash
+    for name, path in (("test", cfg.data.test_path), ("sample", cfg.data.sample_submission_path)):
+        pd.read_csv(path).iloc[:0].to_csv(tmp_path / f"empty_{name}.csv", index=False)
+    empty = KR.run(tmp_path / "kit" / "models", tmp_path / "empty.csv", test=tmp_path / "empty_test.csv",
+                   sample=tmp_path / "empty_sample.csv", device="cpu")
+    assert pd.read_csv(empty).columns.tolist() == want.columns.tolist() and len(pd.read_csv(empty)) == 0
