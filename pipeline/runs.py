@@ -4,6 +4,7 @@ and its prediction files."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -71,13 +72,28 @@ def differing_keys(a: dict, b: dict, ignore: set[str] = frozenset()) -> list[tup
 INPUTS = "inputs.json"  # {config key: sha256 of the file it names}, beside config.yaml
 
 
-def input_hashes(cfg: Config) -> dict[str, str]:
-    """sha256 of each file the folds learn from, by the config key that names it: the training table, and
-    train.pseudo's CSV when set. Contents, not paths: the same files under another data.dir are the same run."""
-    files = {"data.train_file": cfg.data.train_path}
+def input_files(cfg: Config) -> dict[str, Path]:
+    """The files the folds learn from, by the config key that names them: the training table, and train.pseudo's CSV
+    when set."""
+    files = {"data.train_file": Path(cfg.data.train_path)}
     if cfg.train.pseudo:
         files["train.pseudo"] = Path(cfg.train.pseudo)
-    return {key: sha256(path) for key, path in files.items() if Path(path).exists()}
+    return files
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256(Path(path))  # once per file version a process sees, not once per fold or member
+
+
+def input_hashes(cfg: Config) -> dict[str, str]:
+    """sha256 of each of `input_files`. Contents, not paths: the same files under another data.dir are the same run."""
+    hashes = {}
+    for key, path in input_files(cfg).items():
+        if path.exists():
+            stat = path.stat()
+            hashes[key] = _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return hashes
 
 
 def record_run(cfg: Config) -> None:
@@ -99,7 +115,7 @@ def check_same_inputs(cfg: Config, run_dir: Path) -> None:
     saved, now = read_json(path), input_hashes(cfg)
     changed = [key for key in saved if key in now and saved[key] != now[key]]
     if changed:
-        files = {"data.train_file": cfg.data.train_path, "train.pseudo": cfg.train.pseudo}
+        files = input_files(cfg)
         listed = ", ".join(f"{files[key]} ({key})" for key in changed)
         raise PipelineError(f"{listed} changed since the folds in {run_dir} were trained ({path} holds the sha256 "
                             f"they learned from). Use another experiment name, or delete {run_dir} to start it over.")
