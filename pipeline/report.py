@@ -141,6 +141,15 @@ def delta(exp: Experiment, base: Experiment) -> float:
     return float(np.mean(list(mine.values())) - np.mean(list(theirs.values())))
 
 
+def fold_seed_std(exp: Experiment) -> float:
+    """How far one fold's score moves between seeds: the std over seeds of each fold's score, averaged over the
+    folds every seed ran (NaN with one seed). The CV averages this noise out; a count of fold wins does not."""
+    if len(exp.runs) < 2:
+        return float("nan")
+    folds = set.intersection(*(set(r.fold_scores) for r in exp.runs))
+    return float(np.mean([np.std([r.fold_scores[k] for r in exp.runs], ddof=1) for k in sorted(folds)]))
+
+
 def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
     if baseline not in experiments or not experiments[baseline].runs:
         raise PipelineError(f"report: the baseline '{baseline}' has no finished run; train it first or pass "
@@ -166,7 +175,7 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
         row = {"experiment": name, "seeds": len(exp.runs), "cv": cv,
                "fold_mean": float(scores.mean()), "fold_std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
                "cv_seed_std": float(np.std([r.cv for r in exp.runs], ddof=1)) if len(exp.runs) > 1 else float("nan"),
-               "delta": delta(exp, base), "failed": failed,
+               "fold_seed_std": fold_seed_std(exp), "delta": delta(exp, base), "failed": failed,
                "fold_seconds": float(np.mean([s for r in exp.runs for s in r.train_seconds])),
                "peak_memory_mb": float(np.max([m for r in exp.runs for m in r.peak_memory_mb]))}
         row["changes"] = changes(exp, base)
@@ -278,7 +287,10 @@ def reading(table: pd.DataFrame, baseline: str, metric: str) -> list[str]:
     if spread is not None:
         lines.append(f"- The baseline's CV moves by {fmt(spread)} (std) between its {int(base['seeds'])} seeds"
                      + (" — a rough estimate from two" if int(base["seeds"]) == 2 else "")
-                     + "; a technique's Δ smaller than that is within what a new seed alone can do.")
+                     + "; a technique's Δ smaller than that is within what a new seed alone can do."
+                     + (f" A single fold's score moves by {fmt(base['fold_seed_std'])} between its seeds (std, the "
+                        "mean over folds): a fold won or lost by less than that may be the seed's doing."
+                        if "fold_seed_std" in base and not np.isnan(base["fold_seed_std"]) else ""))
     pairs = int(table["pairs"].min()) if len(table) else 0
     if 0 < pairs < 6:  # the exact two-sided test's smallest p-value is 2 / 2**n
         lines.append(f"- With {pairs} paired folds the smallest possible two-sided Wilcoxon p is "

@@ -179,6 +179,20 @@ def test_reading_measures_differences_against_the_baseline_seed_spread(regressio
     assert "seeds: 42 (base: 1, 42; better: 1, 42)" in text  # the header names who ran extra seeds
 
 
+def test_reading_states_how_far_a_single_fold_moves_between_seeds(regression):
+    """The CV's seed spread averages the folds' noise out; the reading also gives one fold's: the std of each fold's
+    score over the baseline's seeds, averaged over the folds (in the CSV for every experiment with two seeds)."""
+    table = pd.read_csv(regression["out"].with_suffix(".csv")).set_index("experiment")
+    for name in ("base", "better"):
+        runs = grouped(regression["recomputed"], name)
+        expected = np.mean([np.std([r["folds"][k] for r in runs.values()], ddof=1) for k in range(FOLDS)])
+        assert table.loc[name, "fold_seed_std"] == pytest.approx(expected, rel=TOL, abs=ABS)
+    assert np.isnan(table.loc["close", "fold_seed_std"])  # one seed
+    reading = regression["out"].read_text().split("## Reading", 1)[1]
+    assert (f"A single fold's score moves by {table.loc['base', 'fold_seed_std']:.4f} between its seeds (std, the "
+            "mean over folds)") in reading
+
+
 def reading_row(name: str, delta: float, wins: int, pairs: int, ttest_p: float, wilcoxon_p: float) -> dict:
     return {"experiment": name, "seeds": 1, "cv_seed_std": float("nan"), "delta": delta, "wins": wins,
             "pairs": pairs, "wilcoxon_p": wilcoxon_p, "ttest_p": ttest_p}
