@@ -84,16 +84,17 @@ rehearse: setup ## Run build/kaggle's kernel offline with only Kaggle's image pa
 
 REPORT_CONFIGS ?= $(wildcard configs/commonlit_*.yaml)
 SEEDS ?= 42
-# The grid's budget: 9 configs x 5 folds and the baseline's second seed took 2 h 53 min on the 2-core CPU
-# at 1 epoch (the baseline config trains 3). Its runs live in oof/report/, apart from full-length runs of the
-# same configs in oof/.
+# The grid's budget: 105 folds (14 configs, 7 of them at two seeds) take about 6 hours on the 2-core CPU at
+# 1 epoch, two folds at once (the baseline config trains 3). Its runs live in oof/report/, apart from
+# full-length runs of the same configs in oof/.
 REPORT_DIR ?= oof/report
 REPORT_OUT ?= reports/commonlit_techniques.md
 # The committed report was trained before batches were padded to multiples of 8 tokens and before regression
 # targets were standardized (the defaults since): the pins keep its batch shapes, and so its dropout draws, and its
 # unscaled targets, so that `make report` reproduces it to the last digit.
 # One CPU thread per fold: CPU kernels split their sums by thread count, which moves the scores in the 5th digit,
-# so the pin is what makes the report reproduce on any CPU (JOBS folds run at once, one process each).
+# so the pin keeps the report's numbers independent of the machine's core count (JOBS folds run at once, one
+# process each).
 REPORT_SET ?= train.epochs=1 train.pad_to_multiple_of=1 model.target_scaling=none train.num_threads=1
 JOBS ?= 2
 # Extra seeds for the baseline: the seed-to-seed spread the report's reading measures each difference against; and

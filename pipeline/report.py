@@ -1,7 +1,8 @@
 """The technique report: each experiment's CV against the baseline, with paired tests over folds and seeds.
 
 Scores are recomputed from the OOF files, never copied from logs. Runs of one experiment with several
-seeds live in `oof/<experiment>-seed<N>/` beside `oof/<experiment>/`; they are grouped under one row.
+seeds live in `oof/<experiment>-seed<N>/` beside `oof/<experiment>/`; they are grouped under one row, and listed
+seed by seed under "Per seed" (and in `<report>_seeds.csv`).
 An experiment that is missing or has unfinished folds is listed as incomplete, never silently dropped.
 """
 
@@ -183,6 +184,41 @@ def summary(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
                    {"pairs": len(scores), "wins": 0, "wilcoxon_p": float("nan"), "ttest_p": float("nan")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def per_seed(experiments: dict[str, Experiment], baseline: str) -> pd.DataFrame:
+    """Every experiment that ran at several seeds, one run at a time against the baseline's run at the same seed:
+    whether a row's Δ holds at each seed or comes from one of them. The baseline's own runs give its CVs."""
+    base = {r.seed: r for r in experiments[baseline].runs}
+    metric = experiments[baseline].runs[0].config.metric
+    rows = []
+    for name, exp in sorted(experiments.items(), key=lambda item: item[0] != baseline):
+        if len(exp.runs) < 2:
+            continue
+        for run in sorted(exp.runs, key=lambda r: r.seed):
+            row = {"experiment": name, "seed": run.seed, "cv": run.cv, "delta": float("nan"), "pairs": 0,
+                   "wins": 0, "ttest_p": float("nan")}
+            if name != baseline and run.seed in base:
+                one, theirs = Experiment(name, [run]), Experiment(baseline, [base[run.seed]])
+                row.update(delta=run.cv - base[run.seed].cv,
+                           **{k: v for k, v in compare(one, theirs, metric).items() if k in row})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["experiment", "seed", "cv", "delta", "pairs", "wins", "ttest_p"])
+
+
+def per_seed_lines(by_seed: pd.DataFrame, baseline: str) -> list[str]:
+    if by_seed.empty:
+        return []
+    lines = ["", "## Per seed", "", "Each experiment that ran at several seeds, one seed at a time against the "
+             "baseline's run at that seed: a Δ that holds at every seed, or one seed's doing.", "",
+             "| experiment | seed | OOF CV | Δ vs baseline, same seed | wins | paired t p |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in by_seed.iterrows():
+        paired = r["experiment"] != baseline and not np.isnan(r["delta"])
+        delta, wins = (f"{r['delta']:+.4f}", f"{r['wins']}/{r['pairs']}") if paired else ("—", "—")
+        lines.append(f"| {r['experiment']} | {r['seed']} | {fmt(r['cv'])} | {delta} | {wins} | "
+                     f"{fmt(r['ttest_p'], 3) if paired else '—'} |")
+    return lines
 
 
 # Keys that name or place a run rather than change what it trains (a pre-trained backbone shows as model.backbone).
@@ -416,6 +452,8 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
               "from earlier folds of the same grid process.", "",
               f"![scores]({figures[0]})", "", f"![validation curves]({figures[1]})", "", "## Reading", ""]
     lines += reading(table, baseline, metric) or ["- Only the baseline is in this report."]
+    by_seed = per_seed(experiments, baseline)
+    lines += per_seed_lines(by_seed, baseline)
     notes = interactions(experiments)
     if notes:
         lines += ["", "## Interactions", ""] + notes
@@ -423,4 +461,9 @@ def write(patterns: list[str], baseline: str, out: Path, output_dir: Path = Path
         lines += ["", "## Incomplete (not in the table)", ""] + [f"- {m}" for m in incomplete]
     write_text_atomic(out, "\n".join(lines) + "\n")
     table.to_csv(out.with_suffix(".csv"), index=False)
+    seeds_csv = out.with_name(f"{out.stem}_seeds.csv")
+    if by_seed.empty:
+        seeds_csv.unlink(missing_ok=True)  # an earlier report's, of runs this one no longer has
+    else:
+        by_seed.to_csv(seeds_csv, index=False)
     return out

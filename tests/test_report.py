@@ -141,7 +141,11 @@ def grouped(recomputed: dict, experiment: str) -> dict[int, dict]:
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    """The first table in `markdown`, keyed by its first cell."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    rows = [line.strip("|").split("|") for line in lines[start:end]]
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}  # header, then | --- |
 
 
@@ -191,6 +195,28 @@ def test_reading_states_how_far_a_single_fold_moves_between_seeds(regression):
     reading = regression["out"].read_text().split("## Reading", 1)[1]
     assert (f"A single fold's score moves by {table.loc['base', 'fold_seed_std']:.4f} between its seeds (std, the "
             "mean over folds)") in reading
+
+
+def test_per_seed_table_pairs_each_run_with_the_baseline_run_at_its_seed(regression):
+    """A two-seed row's Δ is a mean: the per-seed table gives each seed's own Δ against the baseline's run at the
+    same seed (never the other seed's), its fold wins and paired t p; one-seed experiments are not listed."""
+    rec = regression["recomputed"]
+    seeds = pd.read_csv(regression["out"].with_name("tech_seeds.csv"))
+    assert set(seeds["experiment"]) == {"base", "better"}
+    rows = seeds.set_index(["experiment", "seed"])
+    for seed, suffix in ((42, ""), (1, "-seed1")):
+        mine, theirs = rec[f"better{suffix}"], rec[f"base{suffix}"]
+        row = rows.loc[("better", seed)]
+        assert row["cv"] == pytest.approx(mine["cv"], rel=TOL, abs=ABS)
+        assert row["delta"] == pytest.approx(mine["cv"] - theirs["cv"], rel=TOL, abs=ABS)
+        a, b = [mine["folds"][k] for k in range(FOLDS)], [theirs["folds"][k] for k in range(FOLDS)]
+        assert (row["pairs"], row["wins"]) == (FOLDS, sum(x < y for x, y in zip(a, b, strict=True)))
+        assert row["ttest_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-4)  # scores from float32 targets
+        assert rows.loc[("base", seed), "cv"] == pytest.approx(theirs["cv"], rel=TOL, abs=ABS)
+    section = regression["out"].read_text().split("## Per seed", 1)[1]
+    better = table_rows(section)  # keyed by experiment: the last row of each, seed 42 (sorted: 1, 42)
+    delta = rec["better"]["cv"] - rec["base"]["cv"]
+    assert better["better"][:3] == ["42", f"{rec['better']['cv']:.4f}", f"{delta:+.4f}"]
 
 
 def reading_row(name: str, delta: float, wins: int, pairs: int, ttest_p: float, wilcoxon_p: float) -> dict:
