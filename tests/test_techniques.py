@@ -518,6 +518,12 @@ TECHNIQUES = {
     "attention": ["model.pooling=attention"],
     "cls": ["model.pooling=cls"],
     "mean": ["model.pooling=mean"],
+    # the 2022-25 winners' techniques (tests/test_winners.py has their properties): AWP from the first step
+    "awp": ["train.awp=0.5", "train.awp_start=0"],
+    "fgm": ["train.fgm=1.0"],
+    "ema": ["train.ema=0.9"],
+    "swa": ["train.swa=0.3"],
+    "freeze": ["model.freeze_layers=1"],
 }
 
 
@@ -566,4 +572,13 @@ def test_all_techniques_together_train_under_bf16_autocast(tmp_path, tiny_backbo
 @pytest.mark.parametrize("technique", list(TECHNIQUES))
 def test_every_technique_trains_under_fp16_on_cuda(tmp_path, tiny_backbone, technique):
     metrics = train_three_steps(tmp_path, tiny_backbone, TECHNIQUES[technique], "fp16", "cuda")
+    assert metrics["device"].startswith("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_winners_techniques_together_train_under_fp16_on_cuda(tmp_path, tiny_backbone):
+    """AWP and FGM rerun the micro-batch on gradients the GradScaler has scaled; EMA averages the weights it steps."""
+    together = ["train.awp=0.5", "train.awp_start=0", "train.fgm=1.0", "train.ema=0.9", "model.reinit_layers=1"]
+    metrics = train_three_steps(tmp_path, tiny_backbone, together, "fp16", "cuda")
     assert metrics["device"].startswith("cuda")
