@@ -84,8 +84,8 @@ rehearse: setup ## Run build/kaggle's kernel offline with only Kaggle's image pa
 
 REPORT_CONFIGS ?= $(wildcard configs/commonlit_*.yaml)
 SEEDS ?= 42
-# The grid's budget: 105 folds (14 configs, 7 of them at two seeds) take about 6 hours on the 2-core CPU at
-# 1 epoch, two folds at once (the baseline config trains 3). Its runs live in oof/report/, apart from
+# The grid's budget: 105 folds (14 configs, 7 of them at two seeds) take about 3.3 hours on the 2-core CPU at
+# 1 epoch, two folds at once (6.7 hours of fold time; the baseline config trains 3). Its runs live in oof/report/, apart from
 # full-length runs of the same configs in oof/.
 REPORT_DIR ?= oof/report
 REPORT_OUT ?= reports/commonlit_techniques.md
